@@ -1,0 +1,329 @@
+"""The ``cgd`` command line: every stage alone, and ``cgd run`` for all of them.
+
+    cgd run      --data SPEC --out RUN [--attack badnets] --reference clip:ViT-B-32 [--checkpoint F] ...
+    cgd attack   --data SPEC --attack NAME --out poisoned.npz      (or --list)
+    cgd train    --data SPEC --arch small-cnn --out model.safetensors [--split test --trusted-fraction 0.5]
+    cgd score    --out RUN [reference flags]         (data, victim when needed, reference, suspicious)
+    cgd separate --out RUN [--sigma1 --sigma2]
+    cgd retrain  --out RUN [--epochs --lr --alpha --beta ...]
+    cgd export   --out RUN [--to DIR]
+    cgd status   --out RUN
+
+Stage commands on an existing run folder reuse its recorded configuration; flags given override it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="dataset spec KIND:PATH (cifar10, cifar100, gtsrb, tinyimagenet, imagefolder, npz, backdoorbench)")
+    g.add_argument("--out", required=True, help="run folder")
+    g.add_argument("--device", default=None, help="cpu | cuda | auto (default auto)")
+    g.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"], help="compute precision (default auto: bf16 where fast)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--subset", type=int, default=None, help="use the first N samples per split after a seeded shuffle")
+    g = p.add_argument_group("attack simulator (for demos and benchmarks)")
+    g.add_argument("--attack", default=None, help="poison the loaded clean set first (cgd attack --list)")
+    g.add_argument("--poison-rate", type=float, default=None)
+    g.add_argument("--target", type=int, default=None)
+    g.add_argument("--attack-param", action="append", default=None, metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    g = p.add_argument_group("reference")
+    g.add_argument("--reference", default=None, help="clip:MODEL (open_clip name) or classifier:CHECKPOINT")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the model's usual tag; 'none' = random weights)")
+    g.add_argument("--checkpoint", default=None, help="local CLIP weights file (offline use)")
+    g.add_argument("--classnames", default=None, help="file with one class name per line, for the prompts")
+    g.add_argument("--templates", default=None, help="file with one prompt template per line, each containing {}")
+    g.add_argument("--score-batch-size", type=int, default=None)
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default=None, help="checkpoint of the model to repair (default: train one on the data)")
+    g.add_argument("--arch", default=None, choices=["preact-resnet18", "small-cnn"])
+    g.add_argument("--train-epochs", type=int, default=None, help="epochs for the model trained when --model is absent")
+    g.add_argument("--suspicious", default=None, choices=["train", "victim"], help="train fresh suspicious models (paper) or use the model to repair")
+    g.add_argument("--suspicious-runs", type=int, default=None)
+    g.add_argument("--suspicious-epochs", type=int, default=None)
+    g = p.add_argument_group("separation")
+    g.add_argument("--sigma1", type=float, default=None)
+    g.add_argument("--sigma2", type=float, default=None)
+    g.add_argument("--rank-mode", default=None, choices=["global", "per_class"])
+    g = p.add_argument_group("guided retraining")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--max-batches", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--alpha", type=float, default=None)
+    g.add_argument("--beta", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--tolerance", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _lines(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"cgd: {p}: file not found")
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def config_from_args(args: argparse.Namespace):
+    """A RunConfig: the run folder's recorded config (if any) overridden by the given flags."""
+    from .pipeline import RunConfig
+    from .runs import RunDir
+
+    run = RunDir(args.out)
+    base = RunConfig.from_dict(run.read_run().get("config", {})) if run.exists() else RunConfig()
+    upd = {}
+    names = {f.name for f in fields(RunConfig)}
+    for k, v in vars(args).items():
+        if v is None or k not in names or k in ("classnames", "templates"):
+            continue
+        upd[k] = v
+    if getattr(args, "attack_param", None):
+        upd["attack_params"] = {kv.split("=", 1)[0]: _parse_value(kv.split("=", 1)[1]) for kv in args.attack_param if "=" in kv}
+    if getattr(args, "classnames", None):
+        upd["classnames"] = _lines(args.classnames)
+    if getattr(args, "templates", None):
+        upd["templates"] = _lines(args.templates)
+    cfg = RunConfig.from_dict({**base.to_dict(), **upd})
+    cfg.out = str(args.out)
+    if not cfg.data:
+        raise SystemExit(f"cgd: --data is required (no run with a recorded dataset at {args.out})")
+    return cfg
+
+
+def _printer(quiet: bool):
+    def emit(ev: dict) -> None:
+        if quiet:
+            return
+        kind = ev.get("kind")
+        if kind == "note":
+            print(f"note: {ev['message']}", file=sys.stderr)
+        elif kind == "separation":
+            msg = f"separation: clean {ev['clean']}, suspect {ev['suspect']}, unused {ev['unused']} of {ev['n']}"
+            det = ev.get("detection")
+            if det:
+                msg += (f" | suspect TPR {100 * det['suspect']['tpr']:.1f}% FPR {100 * det['suspect']['fpr']:.1f}%"
+                        f", poisons in clean {det['poison_in_clean']}, AUROC clip {det.get('auroc_clip', float('nan')):.3f}"
+                        f" model {det.get('auroc_model', float('nan')):.3f}")
+            print(msg, file=sys.stderr)
+        elif kind == "epoch":
+            print(f"retrain epoch {ev['epoch']:>2}: loss {ev['loss']:.4f}  CA {ev['ca']:.2f}  ASR {ev['asr']:.2f}  RA {ev['ra']:.2f}"
+                  + ("  (early stop: CA dropped, previous weights restored)" if ev.get("early_stop") else ""), file=sys.stderr)
+    return emit
+
+
+def print_summary(info: dict, file=sys.stdout) -> None:
+    """A plain-text table of stage times and results."""
+    rows = [("stage", "seconds", "notes")]
+    for name, rec in info.get("stages", {}).items():
+        note = ""
+        if name == "reference" and "images_per_s" in rec:
+            note = f"{rec['images_per_s']:.0f} img/s, zero-shot acc {100 * rec.get('zero_shot_acc', float('nan')):.1f}%"
+        rows.append((name, f"{rec.get('seconds', 0):.1f}", note))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)), file=file)
+    s = info.get("summary")
+    if s:
+        b, a = s.get("before") or {}, s.get("after") or {}
+        print(f"\n          CA      ASR     RA", file=file)
+        if b:
+            print(f"before  {b['ca']:6.2f}  {b['asr']:6.2f}  {b['ra']:6.2f}", file=file)
+        print(f"after   {a['ca']:6.2f}  {a['asr']:6.2f}  {a['ra']:6.2f}", file=file)
+        print(f"clean subset {s['clean_size']} (oversampled to {s['clean_oversampled']}), suspect subset {s['suspect_size']}", file=file)
+
+
+def _cmd_pipeline(args: argparse.Namespace, stages: Sequence[str]) -> int:
+    from .pipeline import run_pipeline
+
+    cfg = config_from_args(args)
+    info = run_pipeline(cfg, stages, on_event=_printer(args.quiet), progress_bars=not args.quiet)
+    if args.json:
+        print(json.dumps({"stages": info.get("stages"), "summary": info.get("summary")}, indent=2, default=str))
+    else:
+        print_summary(info)
+    return 0
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from . import attacks
+    from .data import load_splits, save_npz
+
+    if args.list:
+        for d in attacks.describe_all():
+            print(f"{d['name']:<16} {d['category']:<12} {json.dumps(d['defaults'])}")
+        return 0
+    if not (args.data and args.attack and args.out):
+        raise SystemExit("cgd attack: --data, --attack and --out are required (or --list)")
+    train, test = load_splits(args.data)
+    params = {kv.split("=", 1)[0]: _parse_value(kv.split("=", 1)[1]) for kv in (args.attack_param or [])}
+    atk = attacks.make_attack(args.attack, image_size=train.image_size, seed=args.seed, **params)
+    poisoned = atk.poison(train, args.poison_rate, args.target, seed=args.seed)
+    extra = {}
+    if test is not None:
+        bd = atk.backdoor_test(test, args.target)
+        extra = {"x_test_bd": bd.images, "y_test_bd": bd.true_labels, "target_test_bd": bd.target_labels}
+    save_npz(args.out, poisoned, test, attack=json.dumps(atk.describe()), **extra)
+    print(f"wrote {args.out}: {int(poisoned.poison_mask.sum())} of {len(poisoned)} samples poisoned with {args.attack} (target {args.target})")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data import load_dataset
+    from .evaluation import evaluate_model
+    from .models import build_model, save_checkpoint
+    from .train import TrainConfig, train_classifier
+
+    s = load_dataset(args.data, args.split)
+    info: dict = {"data": args.data, "split": args.split}
+    if args.trusted_fraction is not None:
+        if not 0 < args.trusted_fraction <= 1:
+            raise SystemExit("cgd train: --trusted-fraction must lie in (0, 1]")
+        n = int(round(len(s) * args.trusted_fraction))
+        idx = np.arange(n)
+        info.update(trusted_fraction=args.trusted_fraction, indices=idx.tolist())
+        s = s.subset(idx)
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, s.num_classes)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer="adam", schedule="cosine", seed=args.seed,
+                      precision=args.precision or "auto")
+    hist = train_classifier(model, s.images, s.labels, cfg, args.device or "auto", progress=not args.quiet, desc="train",
+                            on_epoch=lambda h: args.quiet or print(f"epoch {h['epoch']}: loss {h['loss']:.4f} train acc {100 * h['train_acc']:.1f}%"
+                                                                 f" ({h['images_per_s']:.0f} img/s)", file=sys.stderr))
+    save_checkpoint(model, args.out, args.arch, s.classes, trained_on=info, train=cfg.to_dict(), history=hist)
+    msg = f"wrote {args.out} ({args.arch}, {len(s)} images, {args.epochs} epochs)"
+    if args.eval:
+        test = load_dataset(args.data, "test")
+        if args.split == "test" and args.trusted_fraction is not None:
+            test = test.subset(np.arange(len(info["indices"]), len(test)))
+        m = evaluate_model(model, test.images, test.labels, device=args.device or "auto")
+        msg += f"; test accuracy {m['ca']:.2f}% on {len(test)} images"
+    print(msg)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline import export_indices
+    from .runs import RunDir
+
+    run = RunDir(args.out)
+    if not run.has("scores.parquet"):
+        raise SystemExit(f"cgd export: {args.out} has no scores yet; run `cgd score` and `cgd separate` first")
+    for k, p in export_indices(run, args.to).items():
+        print(f"{k}: {p}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .runs import RunDir
+
+    run = RunDir(args.out)
+    if not run.exists():
+        raise SystemExit(f"cgd status: {args.out} is not a run folder (no run.json)")
+    print(json.dumps(run.read_status(), indent=2))
+    print_summary(run.read_run())
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from .runs import RunDir
+
+    RunDir(args.out).path("STOP").touch()
+    print(f"stop requested for {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cgd", description="Audit a training set for backdoor poisoning and repair the model (CLIP-Guided Defense).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"cgd {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("run", "the whole pipeline"), ("score", "reference and suspicious-model scores"),
+                        ("separate", "split into clean / suspect / unused"), ("retrain", "CLIP-guided retraining")):
+        sp = sub.add_parser(name, help=help_)
+        _add_run_flags(sp, required=(name == "run"))
+    a = sub.add_parser("attack", help="poison a clean dataset (keeps the ground-truth mask)")
+    a.add_argument("--list", action="store_true", help="list every attack with its category and defaults")
+    a.add_argument("--data")
+    a.add_argument("--attack")
+    a.add_argument("--out", help="output .npz")
+    a.add_argument("--poison-rate", type=float, default=0.1)
+    a.add_argument("--target", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--attack-param", action="append", metavar="KEY=VALUE")
+    t = sub.add_parser("train", help="train a classifier (e.g. a trusted reference on a clean split)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--split", default="train", choices=["train", "test"])
+    t.add_argument("--trusted-fraction", type=float, default=None, help="train on the first F of the split only")
+    t.add_argument("--arch", default="small-cnn", choices=["preact-resnet18", "small-cnn"])
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
+    t.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    t.add_argument("--eval", action="store_true", help="report accuracy on the test split afterwards")
+    t.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("export", help="write clean / suspect index lists and the scores table")
+    e.add_argument("--out", required=True, help="run folder")
+    e.add_argument("--to", default=None, help="folder for the files (default RUN/exports)")
+    s = sub.add_parser("status", help="show a run's status and stage times")
+    s.add_argument("--out", required=True)
+    st = sub.add_parser("stop", help="ask a running job on a run folder to stop")
+    st.add_argument("--out", required=True)
+    return p
+
+
+STAGES_FOR = {"run": ("data", "victim", "reference", "suspicious", "separate", "retrain", "export"),
+              "score": ("data", "reference", "suspicious"),
+              "separate": ("separate",), "retrain": ("retrain",)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DatasetError
+    from .models import CheckpointError
+    from .pipeline import PipelineStopped
+    from .reference import ReferenceError
+    from .runs import RunLockedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd in STAGES_FOR:
+            return _cmd_pipeline(args, STAGES_FOR[args.cmd])
+        return {"attack": _cmd_attack, "train": _cmd_train, "export": _cmd_export, "status": _cmd_status,
+                "stop": _cmd_stop}[args.cmd](args)
+    except (DatasetError, CheckpointError, ReferenceError, RunLockedError, FileNotFoundError, ValueError) as e:
+        print(f"cgd: error: {e}", file=sys.stderr)
+        return 2
+    except PipelineStopped:
+        print("cgd: stopped by request; run the same command again to resume", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("cgd: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

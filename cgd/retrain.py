@@ -1,0 +1,197 @@
+"""CLIP-guided retraining of the model to repair.
+
+Per batch, drawn from the (oversampled) clean subset and the suspect subset together:
+
+* clean samples: cross-entropy with the given label;
+* suspect samples: ``alpha * KL(softmax(ref / T) || softmax(student / T)) * T^2``
+  ``+ beta * mean(log p_student(given label))`` — distillation from the reference (CLIP) logits
+  plus an unlearning term that lowers the probability of the given, possibly poisoned, label.
+
+SGD with a cosine schedule; after each epoch CA/ASR/RA are measured, and when CA falls more than
+``tolerance`` points below the best retraining epoch the previous epoch's weights are restored and
+training stops. :func:`guided_retrain` is a generator of events, so a UI can draw live curves and
+stop it by closing the generator.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .device import autocast, resolve_device, resolve_precision
+from .train import augment_batch, to_device_u8, u8_to_float
+
+__all__ = ["RetrainConfig", "guided_losses", "guided_retrain", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Guided-retraining hyperparameters (defaults: the CGD paper's code)."""
+
+    epochs: int = 10
+    max_batches: int = 200  # per epoch
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    temperature: float = 3.0
+    alpha: float = 5e-4
+    beta: float = 0.025
+    tolerance: float = 1.0  # CA points
+    augment: bool = True
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    log_every: int = 20  # batches between "batch" events
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, RetrainConfig] = {"paper": RetrainConfig()}
+
+
+def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,
+                  temperature: float = 3.0, alpha: float = 5e-4, beta: float = 0.025) -> dict[str, torch.Tensor]:
+    """The three loss terms on one batch.
+
+    student, reference: (B, K) logits; labels: (B,) given labels; suspect: (B,) bool (False = clean).
+    Returns {"total", "ce", "kl", "unlearn"} (scalars). ``ce`` is the mean over clean samples,
+    ``kl`` (already times T^2) and ``unlearn`` (mean log p of the label, <= 0) over suspect
+    samples; a term with no samples in the batch is 0. total = ce + alpha * kl + beta * unlearn.
+    """
+    student = student.float()
+    zero = student.new_zeros(())
+    clean = ~suspect
+    ce = F.cross_entropy(student[clean], labels[clean]) if clean.any() else zero
+    if suspect.any():
+        t = float(temperature)
+        s = student[suspect]
+        log_p_s = F.log_softmax(s / t, dim=1)
+        p_ref = F.softmax(reference[suspect].float() / t, dim=1)
+        kl = F.kl_div(log_p_s, p_ref, reduction="batchmean") * (t * t)
+        unlearn = F.log_softmax(s, dim=1).gather(1, labels[suspect, None]).mean()
+    else:
+        kl, unlearn = zero, zero
+    return {"total": ce + alpha * kl + beta * unlearn, "ce": ce, "kl": kl, "unlearn": unlearn}
+
+
+def _state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def guided_retrain(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    clean_idx: np.ndarray,
+    suspect_idx: np.ndarray,
+    reference_logits: np.ndarray,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    cfg: RetrainConfig = RetrainConfig(),
+    device: str | torch.device = "auto",
+    resume: dict | None = None,
+) -> Iterator[dict]:
+    """Retrain ``model`` in place; yields events (dicts with a ``kind``):
+
+    * ``{"kind": "epoch", "epoch": 0, ...}`` — metrics before repair (ca, asr, ra);
+    * ``{"kind": "batch", "epoch", "batch", "loss", "ce", "kl", "unlearn"}`` every ``log_every`` batches;
+    * ``{"kind": "epoch", "epoch", "loss", "ce", "kl", "unlearn", "ca", "asr", "ra", "lr", "seconds",
+      "early_stop", "state"}`` after each epoch — ``state`` is a resumable snapshot (pass it back
+      as ``resume`` to continue from there with identical results);
+    * ``{"kind": "done", "best_epoch", "stopped_early", "final": {...}}``.
+
+    images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
+    repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(cfg.precision, dev)
+    clean_idx = np.asarray(clean_idx, np.int64)
+    suspect_idx = np.asarray(suspect_idx, np.int64)
+    if len(clean_idx) + len(suspect_idx) == 0:
+        raise ValueError("guided retraining needs a non-empty clean or suspect subset")
+    if reference_logits.shape[0] != len(labels):
+        raise ValueError(f"reference logits have {reference_logits.shape[0]} rows, the dataset has {len(labels)}")
+    x_all = to_device_u8(images, dev)
+    y_all = torch.as_tensor(labels, dtype=torch.long, device=dev)
+    ref_all = torch.as_tensor(reference_logits, dtype=torch.float32, device=dev)
+    pool = torch.as_tensor(np.concatenate([clean_idx, suspect_idx]), device=dev)
+    is_susp = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(len(suspect_idx), dtype=torch.bool)]).to(dev)
+    n = len(pool)
+    steps = min(cfg.max_batches, math.ceil(n / cfg.batch_size))
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps))
+    gen_cpu = torch.Generator().manual_seed(cfg.seed)
+    gen_dev = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+
+    if resume is None:
+        m0 = evaluate(model)
+        start_epoch, best_ca, best_epoch = 1, -math.inf, 0
+        prev_state = _state_cpu(model)
+        history = [{"kind": "epoch", "epoch": 0, **m0, "loss": float("nan"), "ce": float("nan"),
+                    "kl": float("nan"), "unlearn": float("nan"), "lr": cfg.lr, "seconds": 0.0, "early_stop": False}]
+        yield history[0]
+    else:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        gen_cpu.set_state(resume["gen_cpu"])
+        gen_dev.set_state(resume["gen_dev"].to(gen_dev.get_state().device) if dev.type != "cuda" else resume["gen_dev"])
+        start_epoch, best_ca, best_epoch = resume["epoch"] + 1, resume["best_ca"], resume["best_epoch"]
+        prev_state = _state_cpu(model)
+
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        sums = {k: torch.zeros((), device=dev) for k in ("total", "ce", "kl", "unlearn")}
+        nb = 0
+        perm = torch.randperm(n, generator=gen_cpu).to(dev)
+        for b in range(steps):
+            sel = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            idx = pool[sel]
+            xb = x_all[idx]
+            if cfg.augment:
+                xb = augment_batch(xb, gen_dev)
+            xb = u8_to_float(xb, cfg.channels_last)
+            with autocast(dev, prec):
+                out = model(xb)
+            losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            sched.step()
+            for k in sums:
+                sums[k] += losses[k].detach()
+            nb += 1
+            if cfg.log_every and nb % cfg.log_every == 0:
+                yield {"kind": "batch", "epoch": epoch, "batch": nb, **{k if k != "total" else "loss": float(v) / nb for k, v in sums.items()}}
+        model.eval()
+        m = evaluate(model)
+        ev = {"kind": "epoch", "epoch": epoch, **m, **{k if k != "total" else "loss": float(v) / max(nb, 1) for k, v in sums.items()},
+              "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "early_stop": False}
+        if epoch > 1 and m["ca"] < best_ca - cfg.tolerance:
+            model.load_state_dict(prev_state)
+            ev["early_stop"] = True
+            stopped = True
+            yield ev
+            break
+        if m["ca"] > best_ca:
+            best_ca, best_epoch = m["ca"], epoch
+        prev_state = _state_cpu(model)
+        ev["state"] = {"model": prev_state, "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": sched.state_dict(),
+                       "gen_cpu": gen_cpu.get_state(), "gen_dev": gen_dev.get_state(), "epoch": epoch,
+                       "best_ca": best_ca, "best_epoch": best_epoch}
+        yield ev
+    model.eval()
+    yield {"kind": "done", "best_epoch": best_epoch, "stopped_early": stopped, "final": evaluate(model)}

@@ -1,0 +1,277 @@
+"""The run folder: every artefact of one audit, written atomically, readable by the dashboard.
+
+Layout of ``RUN/``::
+
+    run.json            config, versions, seeds, dataset fingerprint, device, per-stage keys and timings
+    status.json         state (queued|running|done|failed|stopped), stage, progress, rate, eta, error
+    data/               train_x.npy (N,H,W,3) uint8, train_y.npy, poison_mask.npy, original_labels.npy,
+                        test_x.npy, test_y.npy, bd_x.npy, bd_true.npy, bd_target.npy, classes.json
+    models/             victim.safetensors (+ .json), suspicious_<i>.safetensors, repaired.safetensors
+    clip_logits.npy     (N, K) reference logits;  embeddings.npy (N, D) L2-normalised
+    model_logits.npy    (N, K) suspicious-model logits (mean over runs)
+    scores.parquet      one row per sample (see :func:`cgd.pipeline.scores_table`)
+    separation.json     thresholds and subset sizes;  overrides.json  manual moves {index: subset}
+    metrics.csv         one row per retraining epoch
+    exports/            clean_indices.{json,csv}, suspect_indices.{json,csv}, scores.csv
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["RunDir", "RunLockedError", "atomic_write_bytes", "atomic_write_text", "write_json", "read_json",
+           "save_npy", "utcnow", "list_runs"]
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder."""
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
+    """np.save, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class RunDir:
+    """Paths and atomic readers/writers for one run folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -- paths --------------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    @property
+    def run_json(self) -> Path:
+        return self.path("run.json")
+
+    @property
+    def status_json(self) -> Path:
+        return self.path("status.json")
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    # -- run.json -----------------------------------------------------------------------------
+    def read_run(self) -> dict:
+        return read_json(self.run_json, default={}) or {}
+
+    def update_run(self, **fields: Any) -> dict:
+        run = self.read_run()
+        run.update(fields)
+        write_json(self.run_json, run)
+        return run
+
+    def stage_record(self, name: str) -> dict | None:
+        return self.read_run().get("stages", {}).get(name)
+
+    def stage_done(self, name: str, key: str, files: list[str] = ()) -> bool:
+        """True when stage ``name`` finished with input key ``key`` and its files exist."""
+        rec = self.stage_record(name)
+        return bool(rec and rec.get("key") == key and rec.get("done") and all(self.path(f).exists() for f in files))
+
+    def mark_stage(self, name: str, key: str, seconds: float, **extra: Any) -> None:
+        run = self.read_run()
+        run.setdefault("stages", {})[name] = {"key": key, "done": True, "seconds": round(seconds, 3),
+                                             "finished": utcnow(), **extra}
+        write_json(self.run_json, run)
+
+    def invalidate_from(self, names: list[str]) -> None:
+        run = self.read_run()
+        for n in names:
+            run.get("stages", {}).pop(n, None)
+        write_json(self.run_json, run)
+
+    # -- status.json --------------------------------------------------------------------------
+    def write_status(self, state: str, stage: str = "", progress: float = 0.0, **extra: Any) -> None:
+        write_json(self.status_json, {"state": state, "stage": stage, "progress": float(progress),
+                                      "updated_at": utcnow(), "pid": os.getpid(), **extra})
+
+    def read_status(self) -> dict:
+        try:
+            return read_json(self.status_json, default={}) or {}
+        except ValueError:
+            return {}
+
+    # -- arrays -------------------------------------------------------------------------------
+    def save_array(self, name: str, arr: np.ndarray) -> Path:
+        return save_npy(self.path(name), arr)
+
+    def load_array(self, name: str, mmap: bool = False) -> np.ndarray:
+        p = self.path(name)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (has the stage that writes it run?)")
+        return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def has(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    # -- lock ---------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock on the run folder (released when the process dies)."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lp = self.path(".lock")
+        f = open(lp, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLockedError(f"run folder {self.root} is in use by {holder}; wait for that job or stop it first") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+    def is_locked(self) -> bool:
+        import fcntl
+
+        lp = self.path(".lock")
+        if not lp.exists():
+            return False
+        with open(lp, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+
+    # -- csv ----------------------------------------------------------------------------------
+    def write_csv(self, name: str, rows: list[dict], header_lines: list[str] = ()) -> Path:
+        buf = io.StringIO()
+        for line in header_lines:
+            buf.write(f"# {line}\n")
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        return atomic_write_text(self.path(name), buf.getvalue())
+
+    def read_metrics(self) -> list[dict]:
+        p = self.path("metrics.csv")
+        if not p.is_file():
+            return []
+        with open(p, newline="") as f:
+            return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _num(v: str) -> Any:
+    try:
+        f = float(v)
+        return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() and v.lower() != "nan" else f
+    except (TypeError, ValueError):
+        return v
+
+
+def list_runs(root: str | os.PathLike) -> list[RunDir]:
+    """Run folders directly under ``root`` (those holding a run.json), newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "run.json").is_file()]
+    return sorted(runs, key=lambda r: r.run_json.stat().st_mtime, reverse=True)
+
+
+class Reporter:
+    """Throttled progress writer: status.json at most every ``every`` seconds, plus a tqdm bar."""
+
+    def __init__(self, run: RunDir, stage: str, total: int, unit: str = "img", every: float = 0.5, bar: bool = True):
+        self.run, self.stage, self.total, self.unit, self.every = run, stage, max(int(total), 1), unit, every
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.bar = None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=stage, unit=unit, leave=False)
+        self._done = 0
+
+    def __call__(self, done: int, total: int | None = None, **extra: Any) -> None:
+        if total:
+            self.total = max(int(total), 1)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.update(max(0, done - self._done))
+        self._done = done
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        el = now - self.t0
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else None
+        self.run.write_status("running", self.stage, done / self.total, done=done, total=self.total,
+                              rate=rate, unit=self.unit, eta_s=eta, elapsed_s=el, **extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
