@@ -557,11 +557,14 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
         rows = st_meta["rows"]
         ctx.emit({"kind": "note", "message": f"resuming retraining after epoch {st_meta['epoch']}"})
     rep = ctx.reporter("retrain", cfg.epochs, "epoch")
+    batch_rows: list[dict] = [r for r in st_meta.get("batch_rows", [])] if resume is not None else []
     header = [f"cgd retrain metrics; key {key}"]
     summary = {}
     for ev in guided_retrain(model, d.train.images, d.train.labels, clean_idx, suspect_idx, ref_logits, evaluate, rcfg,
                              ctx.device, resume=resume):
         if ev["kind"] == "batch":
+            batch_rows.append({k: ev[k] for k in ("epoch", "batch", "loss", "ce", "kl", "unlearn")})
+            run.write_csv("metrics_batches.csv", batch_rows)
             ctx.emit(ev)
             rep(ev["epoch"] - 1, batch=ev["batch"], loss=ev["loss"])
             ctx.check_stop()
@@ -583,7 +586,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
                 torch.save(s["optimizer"], state_dir / "optimizer.tmp.pt")
                 (state_dir / "optimizer.tmp.pt").replace(state_dir / "optimizer.pt")
                 write_json(state_dir / "state.json", {"key": key, "epoch": s["epoch"], "best_ca": s["best_ca"],
-                                                      "best_epoch": s["best_epoch"], "scheduler": s["scheduler"], "rows": rows})
+                                                      "best_epoch": s["best_epoch"], "scheduler": s["scheduler"], "rows": rows,
+                                                      "batch_rows": batch_rows})
                 ctx.check_stop()
         if ev["kind"] == "done":
             summary = {"before": {k: rows[0][k] for k in ("ca", "asr", "ra")} if rows and rows[0]["epoch"] == 0 else None,

@@ -11,7 +11,7 @@ Layout of ``RUN/``::
     model_logits.npy    (N, K) suspicious-model logits (mean over runs)
     scores.parquet      one row per sample (see :func:`cgd.pipeline.scores_table`)
     separation.json     thresholds and subset sizes;  overrides.json  manual moves {index: subset}
-    metrics.csv         one row per retraining epoch
+    metrics.csv         one row per retraining epoch (epoch 0 = before repair); metrics_batches.csv every N batches
     exports/            clean_indices.{json,csv}, suspect_indices.{json,csv}, scores.csv
 """
 from __future__ import annotations
