@@ -128,7 +128,9 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return ARCHITECTURES[arch](num_classes=num_classes, **kwargs)
+    model = ARCHITECTURES[arch](num_classes=num_classes, **kwargs)
+    model.cgd_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}  # saved in checkpoints
+    return model
 
 
 def _sidecar(path: Path) -> Path:
@@ -145,7 +147,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, classe
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
-    side = {"arch": arch, "num_classes": len(classes), "classes": list(classes), "format": "cgd-checkpoint-1", **meta}
+    side = {"arch": arch, "num_classes": len(classes), "classes": list(classes), "format": "cgd-checkpoint-1",
+            "model_kwargs": getattr(model, "cgd_kwargs", {}), **meta}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file(state, str(tmp), metadata={"arch": arch, "num_classes": str(len(classes))})
     os.replace(tmp, path)
@@ -231,7 +234,7 @@ def load_checkpoint(
         if w is None:
             raise CheckpointError(f"{path}: cannot infer the class count (no linear.weight)")
         k = int(w.shape[0])
-    model = build_model(arch, k)
+    model = build_model(arch, k, **(meta.get("model_kwargs") or {}))
     own = model.state_dict()
     missing = [n for n in own if n not in state]
     unexpected = [n for n in state if n not in own]

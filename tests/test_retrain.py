@@ -1,0 +1,119 @@
+"""Guided-retraining loss terms on hand-made tensors, and the retraining generator on small data."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cgd.models import build_model
+from cgd.retrain import RetrainConfig, guided_losses, guided_retrain
+
+
+def test_losses_by_hand():
+    student = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    reference = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1, 1])
+    suspect = torch.tensor([False, True, True])
+    T, a, b = 3.0, 0.5, 0.25
+    out = guided_losses(student, reference, labels, suspect, T, a, b)
+    ce = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-6)
+    kl = 0.0
+    for i in (1, 2):
+        p = F.softmax(reference[i] / T, 0)
+        q = F.softmax(student[i] / T, 0)
+        kl += float((p * (p.log() - q.log())).sum())
+    kl = kl / 2 * T * T
+    assert out["kl"].item() == pytest.approx(kl, rel=1e-5)
+    unl = (F.log_softmax(student[1], 0)[1] + F.log_softmax(student[2], 0)[1]).item() / 2
+    assert out["unlearn"].item() == pytest.approx(unl, rel=1e-6)
+    assert out["total"].item() == pytest.approx(ce + a * kl + b * unl, rel=1e-6)
+
+
+def test_kl_zero_when_student_matches_reference_and_unlearning_pushes_label_down():
+    ref = torch.randn(4, 5)
+    student = ref.clone().requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 3])
+    out = guided_losses(student, ref, labels, torch.ones(4, dtype=torch.bool), alpha=1.0, beta=1.0)
+    assert out["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out["ce"].item() == 0.0
+    out["total"].backward()
+    # gradient descent on beta * log p(label) lowers the label's logit
+    assert (student.grad[torch.arange(4), labels] > 0).all()
+
+
+def test_only_clean_or_only_suspect_batches():
+    s, r, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    only_clean = guided_losses(s, r, y, torch.zeros(3, dtype=torch.bool))
+    assert only_clean["kl"].item() == 0 and only_clean["unlearn"].item() == 0
+    only_susp = guided_losses(s, r, y, torch.ones(3, dtype=torch.bool))
+    assert only_susp["ce"].item() == 0 and torch.isfinite(only_susp["total"])
+
+
+def _toy(n=240, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    base = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220]])
+    x = np.clip(base[y][:, None, None, :] + rng.normal(0, 20, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+def test_retrain_generator_events_resume_and_early_stop():
+    x, y = _toy()
+    ref = np.eye(3)[y] * 5.0
+    clean, suspect = np.arange(0, 200), np.arange(200, 240)
+    cfg = RetrainConfig(epochs=3, max_batches=2, batch_size=64, precision="fp32", log_every=1, tolerance=100.0)
+
+    def run(resume=None, stop_after=None, model=None):
+        torch.manual_seed(0)
+        m = model or build_model("small-cnn", 3, width=8)
+        evs = []
+        for ev in guided_retrain(m, x, y, clean, suspect, ref, lambda mm: {"ca": 50.0, "asr": 10.0, "ra": 5.0}, cfg, "cpu", resume=resume):
+            evs.append(ev)
+            if stop_after is not None and ev["kind"] == "epoch" and ev["epoch"] == stop_after:
+                break
+        return m, evs
+
+    m_full, evs = run()
+    kinds = [e["kind"] for e in evs]
+    assert kinds[0] == "epoch" and evs[0]["epoch"] == 0 and kinds[-1] == "done"
+    assert [e["epoch"] for e in evs if e["kind"] == "epoch"] == [0, 1, 2, 3]
+    assert sum(k == "batch" for k in kinds) == 6
+    # stop after epoch 1 and resume from its state: the final weights match the uninterrupted run
+    _, part = run(stop_after=1)
+    state = [e for e in part if e["kind"] == "epoch" and e["epoch"] == 1][0]["state"]
+    torch.manual_seed(0)
+    m2 = build_model("small-cnn", 3, width=8)
+    rest = list(guided_retrain(m2, x, y, clean, suspect, ref, lambda mm: {"ca": 50.0, "asr": 10.0, "ra": 5.0}, cfg, "cpu", resume=state))
+    assert [e["epoch"] for e in rest if e["kind"] == "epoch"] == [2, 3]
+    for (k1, v1), (k2, v2) in zip(m_full.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(v1, v2), k1
+
+
+def test_early_stop_restores_previous_weights():
+    x, y = _toy()
+    ref = np.eye(3)[y] * 5.0
+    cas = iter([80.0, 80.0, 70.0, 70.0])  # before, epoch 1, epoch 2 (drop > tolerance), final
+    snaps = []
+
+    def evaluate(m):
+        snaps.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"ca": next(cas), "asr": 0.0, "ra": 0.0}
+
+    m = build_model("small-cnn", 3, width=8)
+    cfg = RetrainConfig(epochs=5, max_batches=1, batch_size=64, precision="fp32", tolerance=1.0)
+    evs = list(guided_retrain(m, x, y, np.arange(200), np.arange(200, 240), ref, evaluate, cfg, "cpu"))
+    ep = [e for e in evs if e["kind"] == "epoch"]
+    assert ep[-1]["epoch"] == 2 and ep[-1]["early_stop"]
+    assert evs[-1]["stopped_early"] and evs[-1]["best_epoch"] == 1
+    after_epoch1 = snaps[1]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, after_epoch1[k]), k
+
+
+def test_retrain_rejects_mismatched_reference():
+    x, y = _toy(30)
+    with pytest.raises(ValueError, match="reference logits"):
+        next(guided_retrain(build_model("small-cnn", 3, width=8), x, y, np.arange(10), np.arange(10, 20), np.zeros((5, 3)),
+                            lambda m: {"ca": 0, "asr": 0, "ra": 0}, RetrainConfig(precision="fp32"), "cpu"))
