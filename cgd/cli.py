@@ -40,6 +40,7 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--reference", default=None, help="clip:MODEL (open_clip name) or classifier:CHECKPOINT")
     g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the model's usual tag; 'none' = random weights)")
     g.add_argument("--checkpoint", default=None, help="local CLIP weights file (offline use)")
+    g.add_argument("--clip-config", default=None, help="open_clip model config JSON to register (custom architectures)")
     g.add_argument("--classnames", default=None, help="file with one class name per line, for the prompts")
     g.add_argument("--templates", default=None, help="file with one prompt template per line, each containing {}")
     g.add_argument("--score-batch-size", type=int, default=None)

@@ -57,6 +57,7 @@ class RunConfig:
     reference: str = "clip:ViT-B-32"
     pretrained: str | None = None  # open_clip tag; None -> the model's default tag; "none" -> random weights
     checkpoint: str | None = None  # local CLIP weights file
+    clip_config: str | None = None  # extra open_clip model config (JSON) to register, for custom architectures
     classnames: list[str] | None = None
     templates: list[str] | None = None
     score_batch_size: int = 256
@@ -352,10 +353,16 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
     names, templates = _classnames_templates(cfg, d)
     ref_ckpt = cfg.reference.split(":", 1)[1] if cfg.reference.startswith("classifier:") else cfg.checkpoint
     key = _key("reference", data_key, cfg.reference, cfg.resolved_pretrained(), ref_ckpt and _file_sig(ref_ckpt), names,
-               templates, cfg.precision, cfg.chunk_size)
+               templates, cfg.precision, cfg.chunk_size, cfg.clip_config and _file_sig(cfg.clip_config))
     if run.stage_done("reference", key, ["clip_logits.npy", "embeddings.npy"]):
         return key
     t0 = time.perf_counter()
+    if cfg.clip_config:
+        import open_clip
+
+        if not Path(cfg.clip_config).is_file():
+            raise FileNotFoundError(f"{cfg.clip_config}: open_clip model config not found")
+        open_clip.add_model_config(cfg.clip_config)
     ref = make_reference(cfg.reference, names, templates, pretrained=cfg.resolved_pretrained(), checkpoint=cfg.checkpoint,
                          device=ctx.device, precision=cfg.precision, batch_size=cfg.score_batch_size)
     chunk_dir = run.path("chunks", "reference")

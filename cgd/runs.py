@@ -220,8 +220,14 @@ class RunDir:
         p = self.path("metrics.csv")
         if not p.is_file():
             return []
-        with open(p, newline="") as f:
-            return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return read_csv_rows(p)
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a CSV written by :meth:`RunDir.write_csv` ('#' provenance lines skipped), numbers parsed."""
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if not ln.startswith("#")]
+    return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(lines)]
 
 
 def _num(v: str) -> Any:

@@ -1,0 +1,113 @@
+"""`cgd run` end to end on real CIFAR-10 images with an attack; stage reuse; exports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cgd.cli import main
+from cgd.runs import RunDir
+from cgd.separation import label_nll, rank_normalise, separate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "data" / "tiny-clip.json")
+
+
+def _run_args(cifar_root, out, *extra):
+    return ["run", "--data", f"imagefolder:{cifar_root}", "--subset", "400", "--attack", "badnets", "--poison-rate", "0.1",
+            "--target", "0", "--reference", "clip:tiny-clip", "--clip-config", TINY, "--pretrained", "none",
+            "--arch", "small-cnn", "--train-epochs", "2", "--suspicious-runs", "1", "--suspicious-epochs", "1",
+            "--epochs", "2", "--max-batches", "2", "--device", "cpu", "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_run(cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r1"
+    assert main(_run_args(cifar_root, out)) == 0
+    return out
+
+
+def test_run_writes_every_artefact(small_run):
+    run = RunDir(small_run)
+    info = run.read_run()
+    assert info["config"]["seed"] == 0 and info["config"]["attack"] == "badnets"
+    assert {"torch", "open_clip", "cgd", "numpy"} <= set(info["versions"])
+    assert info["device"]["device"] == "cpu"
+    assert len(info["dataset"]["fingerprint"]) == 16 and info["dataset"]["n_train"] == 400
+    assert set(info["stages"]) == {"data", "victim", "reference", "suspicious", "separate", "retrain", "export"}
+    assert all(s["seconds"] >= 0 for s in info["stages"].values())
+    assert run.read_status()["state"] == "done"
+    clip = np.load(small_run / "clip_logits.npy")
+    emb = np.load(small_run / "embeddings.npy")
+    assert clip.shape == (400, 10) and emb.shape == (400, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
+    assert np.load(small_run / "data" / "poison_mask.npy").sum() == 40
+    for f in ("models/victim.safetensors", "models/repaired.safetensors", "models/suspicious_0.safetensors",
+              "metrics.csv", "separation.json", "exports/clean_indices.csv", "exports/suspect_indices.json", "exports/scores.csv"):
+        assert (small_run / f).is_file(), f
+    metrics = run.read_metrics()
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    assert all(0 <= m["ca"] <= 100 and 0 <= m["asr"] <= 100 for m in metrics)
+    assert info["summary"]["before"]["asr"] == metrics[0]["asr"]
+
+
+def test_scores_table_is_consistent(small_run):
+    df = pd.read_parquet(small_run / "scores.parquet")
+    assert list(df.columns[:8]) == ["index", "source_index", "label", "clip_nll", "model_nll", "clip_rank", "model_rank", "subset"]
+    assert {"clip_pred", "poison", "original_label", "clip_top3"} <= set(df.columns)
+    y = np.load(small_run / "data" / "train_y.npy")
+    np.testing.assert_allclose(df["clip_nll"], label_nll(np.load(small_run / "clip_logits.npy"), y))
+    np.testing.assert_allclose(df["model_nll"], label_nll(np.load(small_run / "model_logits.npy"), y))
+    np.testing.assert_allclose(df["clip_rank"], rank_normalise(df["clip_nll"].to_numpy()))
+    sub = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), 0.2, 0.1)
+    assert (df["subset"].astype(str).to_numpy() == np.array(["unused", "clean", "suspect"])[sub]).all()
+    sep = json.loads((small_run / "separation.json").read_text())
+    assert sep["clean"] + sep["suspect"] + sep["unused"] == 400
+    assert sep["detection"]["n_poison"] == 40
+
+
+def test_exports_have_provenance_and_match(small_run):
+    df = pd.read_parquet(small_run / "scores.parquet")
+    for pol in ("clean", "suspect"):
+        doc = json.loads((small_run / "exports" / f"{pol}_indices.json").read_text())
+        assert doc["polarity"] == pol
+        assert doc["indices"] == sorted(df.loc[df["subset"] == pol, "index"].tolist())
+        assert len(set(doc["indices"])) == len(doc["indices"])
+        prov = doc["provenance"]
+        assert prov["sigma1"] == 0.2 and prov["sigma2"] == 0.1 and prov["seed"] == 0
+        assert prov["dataset_fingerprint"] == RunDir(small_run).read_run()["dataset"]["fingerprint"]
+        lines = (small_run / "exports" / f"{pol}_indices.csv").read_text().splitlines()
+        assert lines[0].startswith(f"# {pol} indices") and "sigma1=0.2" in lines[0]
+        assert lines[1] == "index,source_index,label" and len(lines) == 2 + doc["count"]
+
+
+def test_rerun_reuses_finished_stages_and_threshold_change_reruns_only_later(small_run, cifar_root):
+    before = RunDir(small_run).read_run()["stages"]
+    assert main(_run_args(cifar_root, small_run)) == 0
+    same = RunDir(small_run).read_run()["stages"]
+    assert {k: v["finished"] for k, v in same.items()} == {k: v["finished"] for k, v in before.items()}
+    assert main(["separate", "--out", str(small_run), "--sigma1", "0.3", "--sigma2", "0.15", "--quiet"]) == 0
+    after = RunDir(small_run).read_run()["stages"]
+    for st in ("data", "reference", "suspicious", "victim"):
+        assert after[st]["finished"] == before[st]["finished"], st
+    assert after["separate"]["key"] != before["separate"]["key"]
+    sep = json.loads((small_run / "separation.json").read_text())
+    assert sep["config"]["sigma1"] == 0.3
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["run", "--data", "nosuch:/x", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "unknown kind 'nosuch'" in capsys.readouterr().err
+    assert main(["run", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_python_m_cgd_subprocess(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cgd", "attack", "--list"], capture_output=True, text=True, check=True)
+    assert "badnets" in out.stdout and "dirty-label" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "cgd", "train", "--data", f"npz:{tmp_path / 'none.npz'}", "--out", str(tmp_path / "m.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.npz: no such .npz file" in bad.stderr
