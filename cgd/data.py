@@ -5,7 +5,7 @@ int64, decoded once and cached on disk (``$CGD_CACHE`` or ``~/.cache/cgd``) keye
 names, sizes and modification times. Dataset specs are strings ``kind:PATH``:
 
 ``cifar10:ROOT``, ``cifar100:ROOT``, ``gtsrb:ROOT``, ``tinyimagenet:ROOT``, ``imagefolder:ROOT``,
-``npz:FILE``, ``backdoorbench:RECORD_DIR``.
+``npz:FILE``, ``backdoorbench:RECORD_DIR`` (a BackdoorBench attack record; see :mod:`cgd.backdoorbench`).
 
 An ImageFolder root holding ``train/`` and ``test/`` uses them as the two splits.
 """
@@ -159,7 +159,10 @@ def cache_dir() -> Path:
 def _files_key(files: Sequence[Path], extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise DatasetError(f"{f}: cannot read file ({e.strerror or e})") from None
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
@@ -192,9 +195,13 @@ def _decode_one(path: Path, size: tuple[int, int] | None) -> np.ndarray:
                 raise DatasetError(f"{path}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
             if w < 2 or h < 2:
                 raise DatasetError(f"{path}: image of {w}x{h} pixels is too small (expected at least 2x2)")
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # 16-bit (and 32-bit) greyscale: map the full 16-bit range onto 8 bits (65535 -> 255),
+                # keeping 8-bit-valued data as is; never stretch by the image's own maximum
                 arr = np.asarray(im, dtype=np.float64)
-                arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
+                top = arr.max(initial=0)
+                scale = 1.0 if top <= 255 else 255.0 / 65535.0 if top <= 65535 else 255.0 / top
+                arr = np.clip(np.rint(np.clip(arr, 0, None) * scale), 0, 255).astype(np.uint8)
                 im = Image.fromarray(arr)
             im = im.convert("RGB")
             if size is not None and im.size != (size[1], size[0]):
@@ -202,6 +209,8 @@ def _decode_one(path: Path, size: tuple[int, int] | None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: image refused as a decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
@@ -272,12 +281,21 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such .npz file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except ValueError as e:
-        raise DatasetError(f"{path}: refused to load ({e}); object arrays (pickle) are not accepted") from None
+        z = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise DatasetError(f"{path}: not a readable .npz file ({e})") from None
+        raise DatasetError(f"{path}: not a readable .npz file ({e.__class__.__name__}: {e})") from None
+    if not hasattr(z, "files"):
+        raise DatasetError(f"{path}: a single .npy array, expected an .npz archive with arrays x and y")
+    out: dict[str, np.ndarray] = {}
+    with z:
+        for k in z.files:
+            try:
+                out[k] = z[k]
+            except ValueError as e:
+                raise DatasetError(f"{path}[{k}]: refused to load ({e}); object arrays (pickle) are not accepted") from None
+            except Exception as e:
+                raise DatasetError(f"{path}[{k}]: unreadable array ({e.__class__.__name__}: {e})") from None
+    return out
 
 
 def _as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
@@ -285,6 +303,8 @@ def _as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
         x = np.repeat(x[..., None], 3, axis=-1)
     if x.ndim != 4:
         raise DatasetError(f"{where}: expected images of shape (N, H, W, 3), got {x.shape}")
+    if x.size == 0:
+        raise DatasetError(f"{where}: holds no images (shape {x.shape})")
     if x.shape[-1] != 3 and x.shape[1] in (1, 3):  # NCHW
         x = np.moveaxis(x, 1, -1)
     if x.shape[-1] == 1:
@@ -295,7 +315,11 @@ def _as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
         if x.dtype.kind == "f":
             if not np.isfinite(x).all():
                 raise DatasetError(f"{where}: images contain NaN or infinite values")
-            scale = 255.0 if x.max() <= 1.0 + 1e-6 else 1.0
+            lo, hi = float(x.min()), float(x.max())
+            if lo < -1e-6 or hi > 255.0 + 1e-6:
+                raise DatasetError(f"{where}: float images must lie in [0, 1] or [0, 255], got [{lo:.4g}, {hi:.4g}] "
+                                   "(normalised data? store uint8 pixels)")
+            scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
             x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
         elif x.dtype.kind in "iu":
             if x.min() < 0 or x.max() > 255:
@@ -322,32 +346,62 @@ def load_npz(path: str | os.PathLike, classes: Sequence[str] | None = None) -> t
         raise DatasetError(f"{path}[y]: labels must be integers, got {y.dtype}")
     if classes is None:
         if "classes" in z:
+            if z["classes"].ndim != 1:
+                raise DatasetError(f"{path}[classes]: expected a (K,) array of class names, got shape {z['classes'].shape}")
             classes = [str(c) for c in z["classes"]]
         else:
             k = int(max(y.max(initial=0), z["y_test"].max(initial=0) if "y_test" in z else 0)) + 1
             classes = [str(i) for i in range(k)]
-    train = ImageSet(
-        x, y, list(classes),
-        poison_mask=z.get("poison_mask"),
-        original_labels=z.get("original_labels"),
-        name=f"{path.name}:train",
-    )
+    k = len(classes)
+    _check_labels(y, k, f"{path}[y]", len(x))
+    for key in ("poison_mask", "original_labels"):
+        if key in z and z[key].shape != y.shape:
+            raise DatasetError(f"{path}[{key}]: expected shape {y.shape} to match y, got {z[key].shape}")
+    if "original_labels" in z:
+        _check_labels(z["original_labels"], k, f"{path}[original_labels]", len(x))
+    if "poison_mask" in z and z["poison_mask"].dtype.kind not in "biu":
+        raise DatasetError(f"{path}[poison_mask]: expected booleans (or 0/1 integers), got {z['poison_mask'].dtype}")
+    try:
+        train = ImageSet(
+            x, y, list(classes),
+            poison_mask=z.get("poison_mask"),
+            original_labels=z.get("original_labels"),
+            name=f"{path.name}:train",
+        )
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from None
     test = None
     if "x_test" in z:
         if "y_test" not in z:
             raise DatasetError(f"{path}: has x_test but no y_test")
-        test = ImageSet(_as_nhwc(z["x_test"], f"{path}[x_test]"), z["y_test"], list(classes), name=f"{path.name}:test")
+        xt = _as_nhwc(z["x_test"], f"{path}[x_test]")
+        _check_labels(z["y_test"], k, f"{path}[y_test]", len(xt))
+        test = ImageSet(xt, z["y_test"], list(classes), name=f"{path.name}:test")
     if "x_test_bd" in z:
         from .evaluation import BackdoorTest
 
-        for k in ("y_test_bd", "target_test_bd"):
-            if k not in z:
-                raise DatasetError(f"{path}: has x_test_bd but no {k} (true labels and target labels of the triggered test images)")
-        bd = BackdoorTest(_as_nhwc(z["x_test_bd"], f"{path}[x_test_bd]"), z["y_test_bd"], z["target_test_bd"])
+        for key in ("y_test_bd", "target_test_bd"):
+            if key not in z:
+                raise DatasetError(f"{path}: has x_test_bd but no {key} (true labels and target labels of the triggered test images)")
         if test is None:
             raise DatasetError(f"{path}: has x_test_bd but no clean test split (x_test, y_test)")
-        test.meta["bd_test"] = bd
+        xb = _as_nhwc(z["x_test_bd"], f"{path}[x_test_bd]")
+        _check_labels(z["y_test_bd"], k, f"{path}[y_test_bd]", len(xb))
+        _check_labels(z["target_test_bd"], k, f"{path}[target_test_bd]", len(xb))
+        test.meta["bd_test"] = BackdoorTest(xb, z["y_test_bd"], z["target_test_bd"])
     return train, test
+
+
+def _check_labels(y: np.ndarray, k: int, where: str, n: int) -> None:
+    """Raise unless ``y`` is a (n,) integer array with values in [0, k)."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise DatasetError(f"{where}: expected shape ({n},) to match the images, got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{where}: labels must be integers, got {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= k):
+        bad = int(y[(y < 0) | (y >= k)][0])
+        raise DatasetError(f"{where}: label {bad} out of range [0, {k}) for {k} classes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +479,9 @@ def _read_cifar_batch(path: Path) -> dict:
         except DatasetError as e:
             raise DatasetError(f"{path}: {e}") from None
         except Exception as e:
-            raise DatasetError(f"{path}: not a CIFAR python batch ({e})") from None
+            raise DatasetError(f"{path}: not a CIFAR python batch ({e.__class__.__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path}: not a CIFAR python batch (expected a dict, got {type(d).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -452,45 +508,91 @@ def load_cifar(root: str | os.PathLike, split: str = "train", num_classes: int =
         meta_file, meta_key, label_key = base / "meta", "fine_label_names", "fine_labels"
     xs, ys = [], []
     for n in names:
-        d = _read_cifar_batch(base / n)
-        if "data" not in d or label_key not in d:
-            raise DatasetError(f"{base / n}: missing field 'data' or {label_key!r}")
-        data = np.asarray(d["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DatasetError(f"{base / n}[data]: expected shape (N, 3072), got {data.shape}")
-        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
-    classes = [str(c) for c in _read_cifar_batch(meta_file)[meta_key]] if meta_file.is_file() else [str(i) for i in range(num_classes)]
+        f = base / n
+        if not f.is_file():
+            raise DatasetError(f"{f}: CIFAR batch file missing (expected {base}/{', '.join(names)})")
+        d = _read_cifar_batch(f)
+        for key in ("data", label_key):
+            if key not in d:
+                raise DatasetError(f"{f}: missing field {key!r} (found {sorted(map(str, d))})")
+        raw = np.asarray(d["data"])
+        if raw.dtype != np.uint8:
+            raise DatasetError(f"{f}[data]: expected uint8 pixels, got {raw.dtype}")
+        if raw.ndim != 2 or raw.shape[1] != 3072:
+            raise DatasetError(f"{f}[data]: expected shape (N, 3072), got {raw.shape}")
+        try:
+            y = np.asarray(d[label_key])
+        except Exception:
+            y = np.asarray([None])
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DatasetError(f"{f}[{label_key}]: expected a list of integer labels, got {y.dtype} of shape {y.shape}")
+        if len(y) != len(raw):
+            raise DatasetError(f"{f}: {len(raw)} images in 'data' but {len(y)} {label_key!r}")
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DatasetError(f"{f}[{label_key}]: label {int(y[(y < 0) | (y >= num_classes)][0])} out of range [0, {num_classes})")
+        xs.append(raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(y.astype(np.int64))
+    classes = [str(i) for i in range(num_classes)]
+    if meta_file.is_file():
+        meta = _read_cifar_batch(meta_file)
+        names_ = meta.get(meta_key)
+        if not isinstance(names_, (list, tuple)) or len(names_) != num_classes:
+            raise DatasetError(f"{meta_file}[{meta_key}]: expected a list of {num_classes} class names, got {names_!r:.80}")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names_]
     return ImageSet(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), classes, name=f"cifar{num_classes}:{split}")
 
 
 # --------------------------------------------------------------------------------------------
-# GTSRB (official Final_Training/Final_Test layout, and torchvision's GTSRB layout)
+# GTSRB (official, torchvision and BackdoorBench layouts)
 # --------------------------------------------------------------------------------------------
 
 GTSRB_SIZE = (32, 32)
+GTSRB_CLASSES = 43
+_GTSRB_TRAIN_DIRS = ("Final_Training/Images", "Training", "Train")  # official, torchvision, BackdoorBench
+_GTSRB_TEST_DIRS = ("Final_Test/Images", "Test", "Final_Test")
 
 
 def _gtsrb_base(root: Path) -> Path:
+    """The folder holding the GTSRB split folders, for any of the known layouts.
+
+    official: ``GTSRB/Final_Training/Images/000NN/``, ``GTSRB/Final_Test/Images/`` (+ GT-final_test.csv);
+    torchvision: ``gtsrb/GTSRB/Training/000NN/``, ``gtsrb/GTSRB/Final_Test/Images/``, ``gtsrb/GT-final_test.csv``;
+    BackdoorBench: ``Train/000NN/``, ``Test/`` (images and GT-final_test.csv).
+    """
     for cand in (root, root / "GTSRB", root / "gtsrb" / "GTSRB", root / "gtsrb"):
-        if (cand / "Final_Training").is_dir() or (cand / "Training").is_dir() or (cand / "Final_Test").is_dir():
+        if any((cand / d).is_dir() for d in _GTSRB_TRAIN_DIRS + _GTSRB_TEST_DIRS):
             return cand
-    raise DatasetError(f"{root}: no GTSRB layout found (expected GTSRB/Final_Training/Images/000NN/ or gtsrb/GTSRB/Training/)")
+    raise DatasetError(f"{root}: no GTSRB layout found (expected GTSRB/Final_Training/Images/000NN/, "
+                       "gtsrb/GTSRB/Training/000NN/ or BackdoorBench's Train/000NN/ and Test/)")
 
 
 def _read_gt_csv(path: Path) -> list[tuple[str, int]]:
     rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter=";")
-        if reader.fieldnames is None or "Filename" not in reader.fieldnames or "ClassId" not in reader.fieldnames:
-            raise DatasetError(f"{path}: expected ';'-separated columns Filename and ClassId, got {reader.fieldnames}")
-        for r in reader:
-            rows.append((r["Filename"], int(r["ClassId"])))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=";", skipinitialspace=True)
+            if reader.fieldnames is None or "Filename" not in reader.fieldnames or "ClassId" not in reader.fieldnames:
+                raise DatasetError(f"{path}: expected ';'-separated columns Filename and ClassId, got {reader.fieldnames}")
+            for line, r in enumerate(reader, start=2):
+                fn, cid = (r.get("Filename") or "").strip(), (r.get("ClassId") or "").strip()
+                if not fn or not cid.isdigit():
+                    raise DatasetError(f"{path}, line {line}: expected a file name and an integer ClassId, got {fn!r}, {cid!r}")
+                if int(cid) >= GTSRB_CLASSES:
+                    raise DatasetError(f"{path}, line {line}: ClassId {cid} out of range [0, {GTSRB_CLASSES})")
+                if Path(fn).name != fn:
+                    raise DatasetError(f"{path}, line {line}: file name {fn!r} must not contain a folder")
+                rows.append((fn, int(cid)))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not a text CSV file ({e})") from None
     return rows
 
 
 def load_gtsrb(root: str | os.PathLike, split: str = "train", size: tuple[int, int] = GTSRB_SIZE, download: bool = False) -> ImageSet:
-    """GTSRB (43 classes) resized to ``size``, from the official or torchvision layout."""
+    """GTSRB (43 classes) resized to ``size`` (H, W), from the official, torchvision or BackdoorBench layout.
+
+    Train images come from the class folders ``000NN`` (sorted file names, label = folder number);
+    test images and labels from ``GT-final_test.csv`` (row order).
+    """
     root = Path(root)
     if download:
         import torchvision
@@ -500,24 +602,27 @@ def load_gtsrb(root: str | os.PathLike, split: str = "train", size: tuple[int, i
     files: list[Path] = []
     labels: list[int] = []
     if split == "train":
-        img_root = base / "Final_Training" / "Images" if (base / "Final_Training").is_dir() else base / "Training"
-        if not img_root.is_dir():
-            raise DatasetError(f"{img_root}: GTSRB training images folder missing")
-        for d in sorted(p for p in img_root.iterdir() if p.is_dir()):
+        img_root = next((base / d for d in _GTSRB_TRAIN_DIRS if (base / d).is_dir()), None)
+        if img_root is None:
+            raise DatasetError(f"{base}: GTSRB training images folder missing (looked for {', '.join(_GTSRB_TRAIN_DIRS)})")
+        for d in sorted(p for p in img_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not d.name.isdigit() or int(d.name) >= GTSRB_CLASSES:
+                raise DatasetError(f"{d}: GTSRB class folders must be named 00000..{GTSRB_CLASSES - 1:05d}")
             cls = int(d.name)
             for f in sorted(d.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                     files.append(f)
                     labels.append(cls)
     else:
-        test_root = base / "Final_Test" / "Images" if (base / "Final_Test").is_dir() else base / "Final_Test"
-        gt = None
-        for cand in (base / "Final_Test" / "GT-final_test.csv", base / "GT-final_test.csv", test_root / "GT-final_test.csv", root / "GT-final_test.csv"):
-            if cand.is_file():
-                gt = cand
-                break
+        test_root = next((base / d for d in _GTSRB_TEST_DIRS if (base / d).is_dir()), None)
+        if test_root is None:
+            raise DatasetError(f"{base}: GTSRB test images folder missing (looked for {', '.join(_GTSRB_TEST_DIRS)})")
+        cands = [base / "Final_Test" / "GT-final_test.csv", test_root / "GT-final_test.csv", base / "GT-final_test.csv",
+                 base.parent / "GT-final_test.csv", root / "GT-final_test.csv"]
+        gt = next((c for c in cands if c.is_file()), None)
         if gt is None:
-            raise DatasetError(f"{base}: GTSRB test labels GT-final_test.csv not found")
+            raise DatasetError(f"{base}: GTSRB test labels GT-final_test.csv not found (looked in "
+                               f"{', '.join(sorted({str(c.parent) for c in cands}))})")
         for fn, cls in _read_gt_csv(gt):
             files.append(test_root / fn)
             labels.append(cls)
@@ -534,16 +639,30 @@ def load_gtsrb(root: str | os.PathLike, split: str = "train", size: tuple[int, i
 # Tiny-ImageNet (tiny-imagenet-200)
 # --------------------------------------------------------------------------------------------
 
-def load_tinyimagenet(root: str | os.PathLike, split: str = "train") -> ImageSet:
-    """Tiny-ImageNet-200: ``train/<wnid>/images/*.JPEG`` and ``val/images`` + ``val_annotations.txt``."""
+def load_tinyimagenet(root: str | os.PathLike, split: str = "train", class_order: str = "wnids") -> ImageSet:
+    """Tiny-ImageNet-200: ``train/<wnid>/images/*.JPEG`` and ``val/images`` + ``val_annotations.txt``
+    (or ``val/<wnid>/*.JPEG``, the layout BackdoorBench's download rearranges it into), at 64x64.
+
+    ``class_order``: ``"wnids"`` numbers classes in ``wnids.txt`` order (samples in file order);
+    ``"sorted"`` numbers them by sorted wnid and orders samples by (class, file name), as torchvision's
+    ``ImageFolder`` (and so BackdoorBench) does.
+    """
+    if class_order not in ("wnids", "sorted"):
+        raise ValueError(f"class_order must be 'wnids' or 'sorted', got {class_order!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     root = Path(root)
     base = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
     wnids_file = base / "wnids.txt"
     if not wnids_file.is_file():
         raise DatasetError(f"{base}: wnids.txt missing (expected the tiny-imagenet-200 layout)")
     wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
+    if len(set(wnids)) != len(wnids):
+        raise DatasetError(f"{wnids_file}: repeated class ids")
+    if class_order == "sorted":
+        wnids = sorted(wnids)
     index = {w: i for i, w in enumerate(wnids)}
-    names = dict(wnids and [(w, w) for w in wnids])
+    names = {w: w for w in wnids}
     words = base / "words.txt"
     if words.is_file():
         for line in words.read_text().splitlines():
@@ -562,18 +681,41 @@ def load_tinyimagenet(root: str | os.PathLike, split: str = "train") -> ImageSet
                     files.append(f)
                     labels.append(index[w])
     else:
-        ann = base / "val" / "val_annotations.txt"
-        if not ann.is_file():
-            raise DatasetError(f"{ann}: validation annotations missing")
-        for line in ann.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) < 2:
-                continue
-            if parts[1] not in index:
-                raise DatasetError(f"{ann}: unknown class id {parts[1]!r} (not in wnids.txt)")
-            files.append(base / "val" / "images" / parts[0])
-            labels.append(index[parts[1]])
-    key = f"tiny-{split}-" + _files_key(files, str(base.resolve()))
+        val = base / "val"
+        ann = val / "val_annotations.txt"
+        if ann.is_file():
+            pairs: list[tuple[str, int]] = []
+            for n, line in enumerate(ann.read_text().splitlines(), start=1):
+                parts = line.split("\t")
+                if not line.strip():
+                    continue
+                if len(parts) < 2:
+                    raise DatasetError(f"{ann}, line {n}: expected '<file>\\t<wnid>...', got {line!r}")
+                if parts[1] not in index:
+                    raise DatasetError(f"{ann}, line {n}: unknown class id {parts[1]!r} (not in wnids.txt)")
+                if Path(parts[0]).name != parts[0]:
+                    raise DatasetError(f"{ann}, line {n}: file name {parts[0]!r} must not contain a folder")
+                pairs.append((parts[0], index[parts[1]]))
+            if class_order == "sorted":
+                pairs.sort(key=lambda p: (p[1], p[0]))
+            for fn, c in pairs:
+                files.append(val / "images" / fn)
+                labels.append(c)
+        elif val.is_dir() and any((val / w).is_dir() for w in wnids):
+            extra = sorted(d.name for d in val.iterdir() if d.is_dir() and d.name not in index and not d.name.startswith("."))
+            if extra:
+                raise DatasetError(f"{val}: folders {extra[:5]} are not class ids in wnids.txt")
+            for w in wnids:
+                d = val / w
+                if d.is_dir():
+                    for f in sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                        files.append(f)
+                        labels.append(index[w])
+        else:
+            raise DatasetError(f"{ann}: validation annotations missing (and no val/<wnid>/ folders)")
+    if not files:
+        raise DatasetError(f"{base}: no Tiny-ImageNet images found for split {split!r}")
+    key = f"tiny-{split}-{class_order}-" + _files_key(files, str(base.resolve()))
     arr = _cached(key, lambda: {"x": decode_images(files, (64, 64)), "y": np.array(labels, np.int64)})
     return ImageSet(arr["x"], arr["y"], [names[w] for w in wnids], name=f"tinyimagenet:{split}")
 
@@ -598,8 +740,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load_splits(spec: str, download: bool = False) -> tuple[ImageSet, ImageSet | None]:
-    """Load (train, test) from a ``kind:PATH`` spec; test is ``None`` where the source has none."""
+def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike | None = None) -> tuple[ImageSet, ImageSet | None]:
+    """Load (train, test) from a ``kind:PATH`` spec; test is ``None`` where the source has none.
+
+    ``data_root``: for ``backdoorbench:RECORD_DIR``, the folder of the clean dataset the attack used
+    (default ``$CGD_DATA_ROOT``, else the record's own ``data_path``); ignored by the other kinds.
+    """
     kind, path = parse_spec(spec)
     if kind in ("cifar10", "cifar100"):
         k = 10 if kind == "cifar10" else 100
@@ -622,7 +768,7 @@ def load_splits(spec: str, download: bool = False) -> tuple[ImageSet, ImageSet |
     if kind == "backdoorbench":
         from .backdoorbench import load_backdoorbench
 
-        return load_backdoorbench(path)
+        return load_backdoorbench(path, clean_root=data_root)
     raise AssertionError(kind)
 
 
