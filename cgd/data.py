@@ -772,9 +772,9 @@ def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike 
     raise AssertionError(kind)
 
 
-def load_dataset(spec: str, split: str = "train", download: bool = False) -> ImageSet:
-    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec."""
-    train, test = load_splits(spec, download)
+def load_dataset(spec: str, split: str = "train", download: bool = False, data_root: str | os.PathLike | None = None) -> ImageSet:
+    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec (``data_root``: see :func:`load_splits`)."""
+    train, test = load_splits(spec, download, data_root)
     if split == "train":
         return train
     if test is None:
