@@ -111,3 +111,25 @@ def test_python_m_cgd_subprocess(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cgd", "train", "--data", f"npz:{tmp_path / 'none.npz'}", "--out", str(tmp_path / "m.safetensors")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "none.npz: no such .npz file" in bad.stderr
+
+
+def test_trusted_classifier_reference_detects_badnets(cifar_root, tmp_path):
+    """A weak classifier trained on a trusted slice of the test split is the reference; the
+    suspicious model's loss separates BadNets poisons; the trusted images are kept out of evaluation."""
+    ref = tmp_path / "ref.safetensors"
+    assert main(["train", "--data", f"imagefolder:{cifar_root}", "--split", "test", "--trusted-fraction", "0.1",
+                 "--arch", "small-cnn", "--epochs", "3", "--device", "cpu", "--out", str(ref), "--quiet"]) == 0
+    used = json.loads(ref.with_suffix(".json").read_text())["trained_on"]["indices"]
+    assert len(used) == 1000 and len(set(np.array(used) // 1000)) == 10  # a spread sample, not one class
+    out = tmp_path / "run"
+    assert main(["run", "--data", f"imagefolder:{cifar_root}", "--subset", "2000", "--attack", "badnets",
+                 "--reference", f"classifier:{ref}", "--arch", "small-cnn", "--train-epochs", "2",
+                 "--suspicious-runs", "1", "--suspicious-epochs", "5", "--epochs", "1", "--max-batches", "4",
+                 "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    info = RunDir(out).read_run()
+    assert any("excluded 1000 test images" in n for n in info["dataset"]["notes"])
+    det = json.loads((out / "separation.json").read_text())["detection"]
+    assert det["n_poison"] == 200
+    assert det["auroc_model"] > 0.9, det
+    assert det["suspect"]["tpr"] > 0.8, det
+    assert det["auroc_clip"] > 0.6, det
