@@ -165,6 +165,22 @@ class RunDir:
     def has(self, name: str) -> bool:
         return self.path(name).exists()
 
+    # -- manual overrides ---------------------------------------------------------------------
+    def read_overrides(self) -> dict[int, int]:
+        """Manual subset moves {sample index: code (0 unused, 1 clean, 2 suspect)} from overrides.json."""
+        return {int(k): int(v) for k, v in (read_json(self.path("overrides.json"), {}) or {}).items()}
+
+    def save_overrides(self, overrides: dict[int, int]) -> Path:
+        """Write overrides.json (read by the pipeline's separate stage); an empty dict removes it."""
+        p = self.path("overrides.json")
+        if not overrides:
+            p.unlink(missing_ok=True)
+            return p
+        bad = {k: v for k, v in overrides.items() if int(v) not in (0, 1, 2) or int(k) < 0}
+        if bad:
+            raise ValueError(f"overrides: codes must be 0, 1 or 2 and indices >= 0, got {bad}")
+        return write_json(p, {str(int(k)): int(v) for k, v in sorted(overrides.items())})
+
     # -- lock ---------------------------------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[None]:

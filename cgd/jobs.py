@@ -1,0 +1,331 @@
+"""Background jobs on a run folder: ``cgd`` CLI commands run detached, so they outlive the caller.
+
+The dashboard starts every long step (scoring, suspicious-model training, UMAP, retraining) here:
+
+>>> from cgd import jobs
+>>> jobs.start_job("runs/demo", "separate", config={"sigma1": 0.2})   # python -m cgd separate --out runs/demo --quiet
+>>> jobs.job_status("runs/demo").state                                  # starting | running | done | failed | stopped | died | idle
+>>> jobs.stop_job("runs/demo")                                          # STOP file, then SIGTERM to the job's process group
+
+A job is ``python -m cgd COMMAND --out RUN --quiet`` (optionally preceded by setup commands, for
+example training the demo's reference classifier), started in a new session (its own process
+group) with stdout and stderr appended to ``RUN/job.log``. ``RUN/job.json`` records the pid, its
+start time (to tell it from a reused pid), the commands and when it started. Progress and results
+are what the pipeline writes into the run folder (``status.json``, ``metrics.csv``, ...), so any
+number of readers (page reruns, a refreshed browser, another tab) can follow one job.
+
+Only one job runs on a run folder at a time: :func:`start_job` raises
+:class:`~cgd.runs.RunLockedError` while the folder's lock is held or a job it started is alive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .runs import RunDir, RunLockedError, read_json, utcnow, write_json
+
+__all__ = ["JobStatus", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
+           "LOG_NAME", "JOB_NAME", "ACTIVE_STATES"]
+
+LOG_NAME = "job.log"
+JOB_NAME = "job.json"
+ACTIVE_STATES = ("starting", "running")
+_CHILDREN: dict[int, subprocess.Popen] = {}  # jobs this process started: polled to reap them and read exit codes
+
+
+def _as_run(run: str | os.PathLike | RunDir) -> RunDir:
+    return run if isinstance(run, RunDir) else RunDir(Path(run))
+
+
+def cgd_command(command: str, run: str | os.PathLike | RunDir, *args: str, python: str | None = None) -> list[str]:
+    """``[python, -m, cgd, command, --out, RUN, --quiet, *args]`` with RUN made absolute."""
+    root = _as_run(run).root.resolve()
+    return [python or sys.executable, "-m", "cgd", command, "--out", str(root), "--quiet", *args]
+
+
+# ------------------------------------------------------------------------------------------------
+# Process facts
+# ------------------------------------------------------------------------------------------------
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell it from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(")") + 2:].split()
+    return rest[19] if len(rest) > 19 else None
+
+
+def _alive(pid: int | None, start: str | None = None) -> bool:
+    """True while ``pid`` runs (not a zombie) and, when given, still has start time ``start``."""
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    proc = Path(f"/proc/{pid}/stat")
+    if proc.parent.parent.is_dir() and Path("/proc/self").exists():
+        try:
+            stat = proc.read_text()
+        except OSError:
+            return False
+        rest = stat[stat.rfind(")") + 2:].split()
+        if rest and rest[0] in ("Z", "X"):
+            return False
+        return start is None or (len(rest) > 19 and rest[19] == start)
+    try:  # no /proc: signal 0 tells whether the pid exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_holder_pid(run: RunDir) -> int | None:
+    try:
+        txt = run.path(".lock").read_text().strip()
+    except OSError:
+        return None
+    parts = txt.split()
+    return int(parts[1]) if len(parts) == 2 and parts[0] == "pid" and parts[1].isdigit() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Status
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class JobStatus:
+    """What a reader needs to draw a job: state, stage progress, speed, ETA, errors.
+
+    state: ``idle`` (never ran), ``starting`` (process up, pipeline not reporting yet), ``running``,
+    ``done``, ``failed``, ``stopped``, ``died`` (process gone without a final status: killed or
+    crashed; see the log). progress: fraction in [0, 1] of the current stage. rate: items per
+    second (``unit`` = img, epoch, ...). eta_s: seconds left in the current stage, or None.
+    """
+
+    state: str = "idle"
+    stage: str = ""
+    progress: float = 0.0
+    rate: float | None = None
+    unit: str = ""
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+    done: int | None = None
+    total: int | None = None
+    error: str | None = None
+    message: str | None = None
+    command: str = ""
+    pid: int | None = None
+    started: str | None = None
+    updated_at: str | None = None
+    returncode: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def is_running(run: str | os.PathLike | RunDir) -> bool:
+    """True while a job started by :func:`start_job` is alive or any process holds the run's lock."""
+    r = _as_run(run)
+    job = read_json(r.path(JOB_NAME), {}) or {}
+    return _alive(job.get("pid"), job.get("proc_start")) or r.is_locked()
+
+
+def job_status(run: str | os.PathLike | RunDir) -> JobStatus:
+    """The state of the latest job on ``run``, from job.json, status.json and the process table."""
+    r = _as_run(run)
+    try:
+        job = read_json(r.path(JOB_NAME), {}) or {}
+    except ValueError:
+        job = {}
+    st = r.read_status()
+    pid = job.get("pid")
+    alive = _alive(pid, job.get("proc_start"))
+    child = _CHILDREN.get(pid) if pid else None
+    rc = child.returncode if child is not None else job.get("returncode")
+    known = {"state", "stage", "progress", "rate", "unit", "eta_s", "elapsed_s", "done", "total", "error", "message",
+             "updated_at", "pid"}
+    out = JobStatus(stage=st.get("stage", ""), progress=float(st.get("progress") or 0.0), rate=st.get("rate"),
+                    unit=st.get("unit", ""), eta_s=st.get("eta_s"), elapsed_s=st.get("elapsed_s"), done=st.get("done"),
+                    total=st.get("total"), error=st.get("error"), message=st.get("message"),
+                    command=job.get("label", ""), pid=pid, started=job.get("started"), updated_at=st.get("updated_at"),
+                    returncode=rc, extra={k: v for k, v in st.items() if k not in known})
+    state = st.get("state")
+    fresh = bool(st) and (not job.get("started") or (st.get("updated_at") or "") >= job["started"])
+    if alive:
+        out.state = "running" if fresh and state in ("running", "done", "failed", "stopped") else "starting"
+        if out.state == "starting":
+            out.stage, out.progress, out.rate, out.eta_s, out.error = job.get("phase", ""), 0.0, None, None, None
+    elif state in ("done", "failed", "stopped") and fresh:
+        out.state = state
+    elif job:
+        out.state = "died" if (state in ("running", "queued") or not fresh) else (state or "died")
+        if out.state == "died":
+            last = [ln for ln in tail_log(r, 40).splitlines() if ln.strip()]
+            errs = [ln for ln in last if ln.startswith("cgd: error:") or "Error" in ln]
+            out.error = (errs[-1] if errs else (last[-1] if last else "the job ended without reporting a result"))
+    elif state in ("running", "queued") and r.is_locked():
+        out.state = "running"  # a job started outside the dashboard (cgd CLI)
+    elif state:
+        out.state = state if state in ("done", "failed", "stopped") else "idle"
+    return out
+
+
+def tail_log(run: str | os.PathLike | RunDir, lines: int = 30) -> str:
+    """The last ``lines`` lines of ``RUN/job.log`` ('' when absent)."""
+    p = _as_run(run).path(LOG_NAME)
+    if not p.is_file():
+        return ""
+    with open(p, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 64 * 1024))
+        data = f.read().decode("utf-8", errors="replace")
+    return "\n".join(data.splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Start / stop
+# ------------------------------------------------------------------------------------------------
+
+def write_config(run: str | os.PathLike | RunDir, config: dict[str, Any]) -> dict:
+    """Write ``config`` (RunConfig fields) over the run's recorded config in ``run.json`` and return
+    the merged config; the CLI reads it as its base. Creates the run folder when absent."""
+    run = _as_run(run)
+    run.root.mkdir(parents=True, exist_ok=True)
+    from .pipeline import RunConfig
+
+    info = run.read_run()
+    base = info.get("config") or {}
+    names = set(RunConfig().to_dict())
+    unknown = set(config) - names
+    if unknown:
+        raise ValueError(f"unknown run settings {sorted(unknown)}; expected RunConfig fields")
+    merged = RunConfig.from_dict({**RunConfig().to_dict(), **base, **config, "out": str(run.root.resolve())}).to_dict()
+    if not info:
+        info = {"created": utcnow(), "format": "cgd-run-1"}
+    info["config"] = merged
+    write_json(run.run_json, info)
+    return merged
+
+
+def start_job(run: str | os.PathLike | RunDir, command: str, config: dict[str, Any] | None = None,
+              args: Sequence[str] = (), pre: Sequence[Sequence[str]] = (), label: str | None = None,
+              python: str | None = None, env: dict[str, str] | None = None, phase: str | None = None) -> JobStatus:
+    """Start ``cgd COMMAND --out RUN --quiet ARGS`` detached; return its first status.
+
+    config: RunConfig fields written into ``RUN/run.json`` first (the CLI reads the recorded config
+    and reuses every finished stage whose inputs did not change). pre: full argv lists run before
+    the command, in order, stopping at the first failure (e.g. training a reference classifier).
+    phase: what to show while the job has not reported yet (default "preparing" / "starting").
+    Raises RunLockedError when a job is already running on ``run``.
+    """
+    r = _as_run(run)
+    r.root.mkdir(parents=True, exist_ok=True)
+    if is_running(r):
+        holder = (read_json(r.path(JOB_NAME), {}) or {}).get("label") or "another job"
+        raise RunLockedError(f"run folder {r.root} is busy ({holder} is running); wait for it or stop it first")
+    if config:
+        write_config(r, config)
+    r.path("STOP").unlink(missing_ok=True)
+    main = cgd_command(command, r, *args, python=python)
+    argvs = [list(map(str, a)) for a in pre] + [main]
+    if len(argvs) == 1:
+        argv = main
+    else:
+        argv = [python or sys.executable, "-m", "cgd.jobs", json.dumps(argvs)]
+    label = label or f"cgd {command}"
+    started = utcnow()
+    log = open(r.path(LOG_NAME), "ab")
+    log.write(f"\n=== {started} {label}: {' '.join(main)} ===\n".encode())
+    log.flush()
+    penv = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True, env=penv, cwd=os.getcwd())
+    finally:
+        log.close()
+    _CHILDREN[proc.pid] = proc
+    write_json(r.path(JOB_NAME), {"label": label, "command": command, "argv": argvs, "pid": proc.pid,
+                                  "pgid": proc.pid, "proc_start": _proc_start(proc.pid), "started": started,
+                                  "phase": phase or ("preparing" if pre else "starting"), "log": LOG_NAME})
+    return job_status(r)
+
+
+def _wait_dead(pid: int, start: str | None, seconds: float) -> bool:
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        if not _alive(pid, start):
+            return True
+        time.sleep(0.1)
+    return not _alive(pid, start)
+
+
+def stop_job(run: str | os.PathLike | RunDir, grace_s: float = 5.0, kill_after_s: float = 5.0) -> str:
+    """Stop the job on ``run``: write ``RUN/STOP`` (the pipeline checks it between batches and
+    chunks), wait ``grace_s``, then SIGTERM the job's process group, then SIGKILL after
+    ``kill_after_s``. Returns a one-line account of what happened."""
+    r = _as_run(run)
+    job = read_json(r.path(JOB_NAME), {}) or {}
+    pid, start, pgid = job.get("pid"), job.get("proc_start"), job.get("pgid")
+    own = _alive(pid, start)
+    if not own:
+        pid, start, pgid = _lock_holder_pid(r), None, None  # a job started from the command line
+        if not (pid and r.is_locked() and _alive(pid)):
+            return "no job is running on this run folder"
+    r.path("STOP").touch()
+    how = "stopped at the next checkpoint"
+    if not _wait_dead(pid, start, grace_s):
+        how = f"did not stop within {grace_s:.0f} s; terminated"
+        try:
+            if pgid:
+                os.killpg(pgid, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _wait_dead(pid, start, kill_after_s):
+            how = "killed (did not react to SIGTERM)"
+            try:
+                if pgid:
+                    os.killpg(pgid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_dead(pid, start, 2.0)
+    st = r.read_status()
+    if st.get("state") in ("running", "queued") or (job.get("started") and (st.get("updated_at") or "") < job["started"]):
+        r.write_status("stopped", st.get("stage", ""), float(st.get("progress") or 0.0), message=f"stop requested: {how}")
+    if job:
+        job["stopped"] = utcnow()
+        write_json(r.path(JOB_NAME), job)
+    return f"job {how}"
+
+
+def _run_chain(argvs: list[list[str]]) -> int:
+    """Run each argv in turn (the job's own process group), stopping at the first failure."""
+    for argv in argvs:
+        print(f"--- {' '.join(argv)}", flush=True)
+        rc = subprocess.call(argv)
+        if rc != 0:
+            print(f"--- exited with status {rc}; later steps skipped", flush=True)
+            return rc
+    return 0
+
+
+if __name__ == "__main__":  # python -m cgd.jobs '[[argv...], [argv...]]'
+    sys.exit(_run_chain(json.loads(sys.argv[1])))
