@@ -8,6 +8,7 @@
     cgd retrain  --out RUN [--epochs --lr --alpha --beta ...]
     cgd export   --out RUN [--to DIR]
     cgd status   --out RUN
+    cgd umap     --out RUN                         (2-D map of the reference embeddings, cached)
 
 Stage commands on an existing run folder reuse its recorded configuration; flags given override it.
 """
@@ -255,6 +256,26 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_umap(args: argparse.Namespace) -> int:
+    from .embedding_map import MapConfig, compute_embedding_map
+    from .runs import RunDir
+
+    run = RunDir(args.out)
+    if not run.has("embeddings.npy"):
+        raise SystemExit(f"cgd umap: {args.out} has no reference embeddings yet; run `cgd score` first")
+    cfg = MapConfig(method=args.method, max_points=args.max_points, seed=args.seed)
+    with run.lock():
+        run.write_status("running", "umap", 0.0)
+        try:
+            m = compute_embedding_map(run, cfg, force=args.force)
+        except BaseException as e:
+            run.write_status("failed", "umap", 0.0, error=f"{e.__class__.__name__}: {e}")
+            raise
+        run.write_status("done", "", 1.0, message=f"embedding map of {len(m.index)} of {m.n_total} samples")
+    print(f"wrote {run.path('embedding_map.npz')} ({cfg.method}, {len(m.index)} of {m.n_total} samples)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cgd", description="Audit a training set for backdoor poisoning and repair the model (CLIP-Guided Defense).")
     from . import __version__
@@ -294,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     st = sub.add_parser("stop", help="ask a running job on a run folder to stop")
     st.add_argument("--out", required=True)
+    u = sub.add_parser("umap", help="2-D map (UMAP) of a run's reference embeddings, cached in the run folder")
+    u.add_argument("--out", required=True, help="run folder")
+    u.add_argument("--method", default="umap", choices=["umap", "pca"])
+    u.add_argument("--max-points", type=int, default=20000, help="map a seeded subsample above this many samples")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--force", action="store_true", help="recompute even when a cached map is current")
+    u.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -314,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd in STAGES_FOR:
             return _cmd_pipeline(args, STAGES_FOR[args.cmd])
         return {"attack": _cmd_attack, "train": _cmd_train, "export": _cmd_export, "status": _cmd_status,
-                "stop": _cmd_stop}[args.cmd](args)
+                "stop": _cmd_stop, "umap": _cmd_umap}[args.cmd](args)
     except (DatasetError, CheckpointError, ReferenceError, RunLockedError, FileNotFoundError, ValueError) as e:
         print(f"cgd: error: {e}", file=sys.stderr)
         return 2
