@@ -1,0 +1,280 @@
+"""Dataset: pick the training set (built-in demo, a standard dataset, your folder or file, or an
+existing run), look at it, optionally plant a known backdoor (teaching mode), create the run."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+import _common as c
+
+st.title("Dataset")
+st.caption("Choose the training set to audit. Nothing leaves this machine: the dashboard reads only inside "
+           f"`{c.display_path(c.data_root())}` (CGD_DATA_ROOT), the built-in demo, and `{c.display_path(c.runs_root())}` (CGD_RUNS_ROOT).")
+
+SOURCES = {
+    "demo": "Built-in demo: real CIFAR-10 sample (offline)",
+    "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "gtsrb": "GTSRB", "tinyimagenet": "Tiny-ImageNet",
+    "imagefolder": "Image folder (one sub-folder per class)",
+    "npz": "NumPy .npz file",
+    "backdoorbench": "BackdoorBench attack record",
+    "run": "Existing run folder",
+}
+LAYOUT_HELP = {
+    "cifar10": "The official python version: a folder holding `cifar-10-batches-py/` (or its batch files).",
+    "cifar100": "The official python version: a folder holding `cifar-100-python/`.",
+    "gtsrb": "The official layout (`GTSRB/Final_Training/Images/000NN/*.ppm`, `GTSRB/Final_Test/...`).",
+    "tinyimagenet": "`tiny-imagenet-200/` with `train/<wnid>/images/` and `val/`.",
+    "imagefolder": "`ROOT/<class>/*.jpg`, or `ROOT/train/<class>/` and `ROOT/test/<class>/` for two splits.",
+    "npz": "Arrays `x` (N,H,W,3 uint8) and `y` (N,); optional `x_test`, `y_test`, `classes`. No pickled objects.",
+    "backdoorbench": "A BackdoorBench attack record folder (attack_result.pt with its bd_train / bd_test data).",
+}
+DOWNLOADABLE = ("cifar10", "cifar100", "gtsrb")
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_source(spec: str, download: bool, stamp: float):
+    from cgd.data import load_splits
+
+    return load_splits(spec, download=download)
+
+
+def _stamp(path: str) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Source picker
+# ------------------------------------------------------------------------------------------------
+keys = list(SOURCES)
+default_source = st.session_state.get("ds_source", "demo")
+source = st.selectbox("Source", keys, index=keys.index(default_source), format_func=SOURCES.get, key="ds_source",
+                      help="Where the training set comes from. The demo needs no download and runs on a CPU in minutes.")
+
+spec: str | None = None
+train = test = None
+run_for_source = None
+download = False
+
+if source == "demo":
+    if not c.DEMO_DATA.is_dir():
+        st.error("The built-in demo sample is missing (assets/demo/cifar10). Rebuild it with `python scripts/make_demo.py`.")
+        st.stop()
+    spec = c.DEMO_SPEC
+    st.caption("2,500 training and 1,000 test images of the real CIFAR-10 (Krizhevsky, 2009), 250 / 100 per class, "
+               "copied as JPEG q75 by `scripts/make_demo.py`. See `assets/demo/README.md`.")
+elif source == "run":
+    from cgd.runs import list_runs
+
+    runs = [r for r in list_runs(c.runs_root()) if r.has("data/train_x.npy")]
+    if not runs:
+        st.info(f"No run with a dataset under `{c.display_path(c.runs_root())}` yet.")
+        st.stop()
+    names = [str(r.root.resolve()) for r in runs]
+    cur = st.session_state.get("run")
+    pick = st.selectbox("Run folder", names, index=names.index(cur) if cur in names else 0,
+                        format_func=lambda p: Path(p).name, help="Runs under CGD_RUNS_ROOT that hold a dataset")
+    run_for_source = next(r for r in runs if str(r.root.resolve()) == pick)
+elif source in ("cifar10", "cifar100", "gtsrb", "tinyimagenet", "imagefolder", "backdoorbench"):
+    st.caption(LAYOUT_HELP[source])
+    dirs = c.list_under(c.data_root(), "dir", max_depth=3)
+    col1, col2 = st.columns([2, 2])
+    with col1:
+        picked = st.selectbox("Folder inside the data folder", ["(type a path)"] + dirs, key=f"ds_dir_{source}",
+                              help=f"Folders under {c.data_root()}")
+    with col2:
+        typed = st.text_input("…or a path relative to the data folder", key=f"ds_typed_{source}",
+                              placeholder="e.g. cifar10 or my-images/train", disabled=picked != "(type a path)")
+    raw = typed if picked == "(type a path)" else picked
+    if source in DOWNLOADABLE:
+        download = st.checkbox("Download it into this folder if absent", key=f"ds_dl_{source}",
+                               help="Uses the dataset's official download (torchvision); needs internet.")
+    if raw:
+        with c.guard("Opening the folder"):
+            root = c.safe_path(raw, must_exist=not download)
+            if download:
+                root.mkdir(parents=True, exist_ok=True)
+            spec = f"{source}:{root}"
+elif source == "npz":
+    st.caption(LAYOUT_HELP["npz"])
+    files = c.list_under(c.data_root(), "file", (".npz",), max_depth=4)
+    col1, col2 = st.columns(2)
+    with col1:
+        picked = st.selectbox(".npz file inside the data folder", ["(none)"] + files, key="ds_npz")
+    with col2:
+        up = st.file_uploader("…or upload one", type=["npz"], key="ds_npz_upload",
+                              help=f"At most {c.max_upload_bytes() / 1e6:.0f} MB; stored under data/uploads/")
+    if up is not None:
+        with c.guard("Storing the upload"):
+            spec = f"npz:{c.save_upload(up)}"
+    elif picked != "(none)":
+        with c.guard("Opening the file"):
+            spec = f"npz:{c.safe_path(picked)}"
+
+# ------------------------------------------------------------------------------------------------
+# Load and describe
+# ------------------------------------------------------------------------------------------------
+if run_for_source is not None:
+    with c.guard("Reading the run's dataset"):
+        d = c.run_data(run_for_source)
+        train, test = d.train, d.test
+        spec = (run_for_source.read_run().get("config") or {}).get("data")
+elif spec:
+    with c.guard("Loading the dataset"), st.spinner("Loading and decoding (cached after the first time)…"):
+        train, test = load_source(spec, download, _stamp(spec.split(":", 1)[1]))
+
+if train is None:
+    if source not in ("demo", "run") and not spec:
+        st.info("Pick a folder or file above.")
+    st.stop()
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Training images", c.fmt_int(len(train)))
+m2.metric("Test images", c.fmt_int(len(test)) if test is not None else "none",
+          help="A clean test split is needed to measure CA/ASR/RA; without one, the pipeline holds out 10 % of the training set.")
+m3.metric("Classes", c.fmt_int(train.num_classes))
+m4.metric("Image size", f"{train.image_size[0]}×{train.image_size[1]}")
+if train.has_ground_truth:
+    st.info(f"This set carries ground truth: {c.fmt_int(train.poison_mask.sum())} samples are known to be poisoned, "
+            "so detection rates are shown on the later pages.", icon=":material/verified:")
+
+from cgd import viz  # noqa: E402
+
+counts = train.class_counts()
+pois = np.bincount(train.labels[train.poison_mask], minlength=train.num_classes) if train.has_ground_truth else None
+st.plotly_chart(viz.class_histogram(counts, train.classes, pois), width="stretch", key="ds_hist")
+
+with st.expander("Sample images per class", expanded=True):
+    cc1, cc2, cc3 = st.columns([1, 1, 3])
+    seed = int(cc1.number_input("Seed", 0, 10_000, 0, key="ds_seed", help="Which images are drawn (seeded)"))
+    per = int(cc2.slider("Per class", 4, 16, 10, key="ds_per"))
+    shown = cc3.multiselect("Classes", train.classes, default=train.classes[:10], key="ds_classes",
+                            max_selections=20) if train.num_classes > 10 else train.classes
+    rng = np.random.default_rng(seed)
+    for name in shown:
+        k = train.classes.index(name)
+        idx = np.flatnonzero(train.labels == k)
+        if len(idx) == 0:
+            continue
+        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False))
+        scale = max(1, 64 // train.image_size[0])
+        row = viz.mosaic(viz.upscale(np.asarray(train.images[pick]), scale), cols=per)
+        a, b = st.columns([1, 8], vertical_alignment="center")
+        a.markdown(f"**{name}**  \n{c.fmt_int(len(idx))}")
+        b.image(row, clamp=True)
+
+# ------------------------------------------------------------------------------------------------
+# Teaching mode: the attack simulator
+# ------------------------------------------------------------------------------------------------
+attack_cfg: dict = {"attack": None}
+if run_for_source is None:
+    st.subheader("Teaching mode", help="Plant a known backdoor so every later page can show how well it is found.")
+    from cgd import attacks
+
+    if train.has_ground_truth:
+        st.caption("This set is already poisoned (it carries a ground-truth mask); the simulator is off.")
+        teach = False
+    else:
+        teach = st.toggle("Poison this set with the attack simulator", value=source == "demo", key="ds_teach",
+                          help="The poisoned samples are recorded, so detection rates (TPR/FPR) and ASR can be measured.")
+    if teach:
+        desc = {d["name"]: d for d in attacks.describe_all()}
+        names = list(desc)
+        a1, a2, a3 = st.columns(3)
+        name = a1.selectbox("Attack", names, index=names.index("badnets") if "badnets" in names else 0, key="ds_attack",
+                            format_func=lambda n: f"{n} · {desc[n]['category']}", help="Attacks from cgd.attacks")
+        rate = a2.slider("Poison rate", 0.01, 0.5, 0.1, 0.01, key="ds_rate", help=c.HELP["poison_rate"], format="%.2f")
+        target = a3.selectbox("Target class", list(range(train.num_classes)), key="ds_target",
+                              format_func=lambda k: f"{k}: {train.classes[k]}", help=c.HELP["target"])
+        st.caption(desc[name]["paper"])
+        params: dict = {}
+        defaults = desc[name]["defaults"]
+        if defaults or desc[name].get("all_to_all"):
+            with st.expander("Attack parameters"):
+                cols = st.columns(3)
+                for i, (pk, dv) in enumerate(defaults.items()):
+                    col = cols[i % 3]
+                    wk = f"ds_p_{name}_{pk}"
+                    if isinstance(dv, bool):
+                        params[pk] = col.checkbox(pk, value=dv, key=wk)
+                    elif isinstance(dv, int):
+                        params[pk] = int(col.number_input(pk, value=dv, step=1, key=wk))
+                    elif isinstance(dv, float):
+                        params[pk] = float(col.number_input(pk, value=dv, format="%.4g", key=wk))
+                    else:
+                        txt = col.text_input(pk, value=json.dumps(dv), key=wk, help="JSON value")
+                        try:
+                            params[pk] = json.loads(txt)
+                        except json.JSONDecodeError:
+                            col.error(f"{pk}: not valid JSON")
+                            params[pk] = dv
+                if desc[name].get("all_to_all"):
+                    a2a = st.checkbox("All-to-all (label y → y+1) instead of all-to-one", key=f"ds_a2a_{name}")
+                    if a2a:
+                        params["all_to_all"] = True
+        params = {k: v for k, v in params.items() if k == "all_to_all" or v != defaults.get(k)}
+        attack_cfg = {"attack": name, "poison_rate": float(rate), "target": int(target), "attack_params": params}
+        # preview: one clean image and its poisoned version side by side
+        with c.guard("Previewing the trigger"):
+            atk = attacks.make_attack(name, image_size=train.image_size, seed=0, **params)
+            pool = np.flatnonzero(train.labels != target) if len(np.unique(train.labels)) > 1 else np.arange(len(train))
+            img = np.asarray(train.images[int(np.random.default_rng(seed).choice(pool))])
+            try:
+                clean, poisoned, diff = atk.preview(img)
+            except Exception as e:  # noqa: BLE001 - attacks that optimise their trigger on the data first
+                st.info(f"No instant preview for {name}: {e}. Its trigger is made from the data when the run starts.")
+            else:
+                scale = max(1, 160 // train.image_size[0])
+                p1, p2, p3, _ = st.columns([1, 1, 1, 2])
+                p1.image(viz.upscale(clean, scale), caption="clean")
+                p2.image(viz.upscale(poisoned, scale), caption=f"poisoned (labelled {train.classes[target]})")
+                p3.image(viz.upscale(diff, scale), caption="|difference|, stretched")
+
+# ------------------------------------------------------------------------------------------------
+# Create / select the run
+# ------------------------------------------------------------------------------------------------
+st.divider()
+if run_for_source is not None:
+    st.markdown(f"Run **{run_for_source.root.name}**: `{c.display_path(run_for_source.root)}`")
+    if st.button("Use this run", type="primary", icon=":material/arrow_forward:", key="ds_use_run"):
+        c.select_run(run_for_source.root)
+        st.switch_page(c.PAGES["score"])
+    st.stop()
+
+sub1, sub2, sub3 = st.columns([1, 1, 2])
+subset = int(sub1.number_input("Use at most N training images (0 = all)", 0, 10_000_000, 0, step=100, key="ds_subset",
+                               help="A seeded subset per split keeps CPU runs short."))
+run_seed = int(sub2.number_input("Run seed", 0, 1_000_000, 0, key="ds_run_seed", help="Seeds the subset, the attack and every model"))
+base = "demo" if source == "demo" else c.slug(Path(spec.split(":", 1)[1]).stem) or source
+default_name = f"{base}-{attack_cfg['attack'] or 'audit'}-{time.strftime('%Y%m%d-%H%M%S')}"
+if st.session_state.get("_ds_name_for") != (spec, attack_cfg["attack"]):
+    st.session_state["ds_name"] = default_name
+    st.session_state["_ds_name_for"] = (spec, attack_cfg["attack"])
+name = sub3.text_input("Run name", key="ds_name", help=f"A new folder under {c.runs_root()}")
+
+if st.button("Create run and continue", type="primary", icon=":material/arrow_forward:", key="ds_create"):
+    with c.guard("Creating the run"):
+        from cgd import jobs
+
+        folder = c.slug(name)
+        if not folder:
+            raise c.PathRejected("give the run a name (letters, digits, '.', '_' or '-')")
+        path = c.safe_path(folder, [c.runs_root()], must_exist=False)
+        if (path / "run.json").exists():
+            raise c.PathRejected(f"a run named {folder!r} exists already; pick another name or open it as an existing run")
+        cfg = {"data": spec, "subset": subset or None, "seed": run_seed, **attack_cfg}
+        if attack_cfg["attack"] is None:
+            cfg.update(attack_params={}, poison_rate=0.1, target=0)
+        if source == "demo":
+            dev = c.device_facts()
+            cfg.update(arch="small-cnn" if not dev.get("cuda") else "preact-resnet18")
+        jobs.write_config(path, cfg)
+        c.select_run(path)
+        st.session_state["new_run_source"] = source
+        st.switch_page(c.PAGES["score"])
