@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -118,7 +119,9 @@ def compute_embedding_map(run: RunDir, cfg: MapConfig = MapConfig(), force: bool
             raise ImportError("the UMAP map needs umap-learn (pip install umap-learn), or use method='pca'") from e
         reducer = umap.UMAP(n_components=2, n_neighbors=int(min(cfg.n_neighbors, len(x) - 1)), min_dist=cfg.min_dist,
                             metric="euclidean", random_state=cfg.seed, init="spectral" if len(x) > 10 else "random")
-        xy = reducer.fit_transform(x)
+        with warnings.catch_warnings():  # "n_jobs overridden by random_state": seeded maps are single-threaded
+            warnings.filterwarnings("ignore", message=".*n_jobs value.*", category=UserWarning)
+            xy = reducer.fit_transform(x)
     else:
         xy = _pca2(x.astype(np.float64))
     xy = np.asarray(xy, np.float32)

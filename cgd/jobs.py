@@ -44,10 +44,14 @@ def _as_run(run: str | os.PathLike | RunDir) -> RunDir:
     return run if isinstance(run, RunDir) else RunDir(Path(run))
 
 
+_NO_QUIET = ("export", "status", "stop")  # cgd subcommands without a --quiet flag
+
+
 def cgd_command(command: str, run: str | os.PathLike | RunDir, *args: str, python: str | None = None) -> list[str]:
     """``[python, -m, cgd, command, --out, RUN, --quiet, *args]`` with RUN made absolute."""
     root = _as_run(run).root.resolve()
-    return [python or sys.executable, "-m", "cgd", command, "--out", str(root), "--quiet", *args]
+    quiet = [] if command in _NO_QUIET else ["--quiet"]
+    return [python or sys.executable, "-m", "cgd", command, "--out", str(root), *quiet, *args]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +175,10 @@ def job_status(run: str | os.PathLike | RunDir) -> JobStatus:
             out.stage, out.progress, out.rate, out.eta_s, out.error = job.get("phase", ""), 0.0, None, None, None
     elif state in ("done", "failed", "stopped") and fresh:
         out.state = state
+        if state == "done" and rc not in (None, 0):  # a later step of the job failed
+            out.state, out.error = "failed", out.error or f"a step exited with status {rc}; see job.log"
+    elif job and rc == 0:
+        out.state = "done"  # a job whose commands write no status (e.g. cgd export)
     elif job:
         out.state = "died" if (state in ("running", "queued") or not fresh) else (state or "died")
         if out.state == "died":
@@ -243,10 +251,8 @@ def start_job(run: str | os.PathLike | RunDir, command: str, config: dict[str, A
     r.path("STOP").unlink(missing_ok=True)
     main = cgd_command(command, r, *args, python=python)
     argvs = [list(map(str, a)) for a in pre] + [main]
-    if len(argvs) == 1:
-        argv = main
-    else:
-        argv = [python or sys.executable, "-m", "cgd.jobs", json.dumps(argvs)]
+    # a small runner runs the steps in order and records a failing step's exit status in the run folder
+    argv = [python or sys.executable, "-m", "cgd.jobs", json.dumps({"run": str(r.root.resolve()), "argvs": argvs})]
     label = label or f"cgd {command}"
     started = utcnow()
     log = open(r.path(LOG_NAME), "ab")
@@ -307,6 +313,16 @@ def stop_job(run: str | os.PathLike | RunDir, grace_s: float = 5.0, kill_after_s
             except ProcessLookupError:
                 pass
             _wait_dead(pid, start, 2.0)
+    # the job's children (the pipeline holding the run's lock) may take a moment longer to exit
+    t_end = time.monotonic() + kill_after_s
+    while r.is_locked() and time.monotonic() < t_end:
+        time.sleep(0.1)
+    if r.is_locked() and pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.5)
     st = r.read_status()
     if st.get("state") in ("running", "queued") or (job.get("started") and (st.get("updated_at") or "") < job["started"]):
         r.write_status("stopped", st.get("stage", ""), float(st.get("progress") or 0.0), message=f"stop requested: {how}")
@@ -316,16 +332,38 @@ def stop_job(run: str | os.PathLike | RunDir, grace_s: float = 5.0, kill_after_s
     return f"job {how}"
 
 
-def _run_chain(argvs: list[list[str]]) -> int:
-    """Run each argv in turn (the job's own process group), stopping at the first failure."""
+def _last_error(run: RunDir) -> str | None:
+    lines = [ln.strip() for ln in tail_log(run, 40).splitlines() if ln.strip() and not ln.startswith(("---", "==="))]
+    errs = [ln for ln in lines if ln.startswith("cgd: error:") or ln.startswith("cgd ") and "error" in ln]
+    return (errs or lines or [None])[-1]
+
+
+def _run_chain(run_root: str, argvs: list[list[str]]) -> int:
+    """Run each argv in turn (in the job's own process group), stopping at the first failure; a
+    failing step that left no failure in status.json gets one, and job.json records the exit status."""
+    run = RunDir(run_root)
+    rc = 0
     for argv in argvs:
         print(f"--- {' '.join(argv)}", flush=True)
+        started = utcnow()
         rc = subprocess.call(argv)
         if rc != 0:
             print(f"--- exited with status {rc}; later steps skipped", flush=True)
-            return rc
-    return 0
+            st = run.read_status()
+            reported = st.get("state") in ("failed", "stopped") and (st.get("updated_at") or "") >= started
+            if not reported:
+                step = " ".join(a for a in argv[2:4] if not a.startswith("-")) or argv[0]
+                run.write_status("failed", st.get("stage", ""), float(st.get("progress") or 0.0),
+                                 error=f"{step} exited with status {rc}: {_last_error(run) or 'see job.log'}")
+            break
+    job = read_json(run.path(JOB_NAME), {}) or {}
+    if job.get("pid") == os.getpid():
+        job["returncode"] = rc
+        job["finished"] = utcnow()
+        write_json(run.path(JOB_NAME), job)
+    return rc
 
 
-if __name__ == "__main__":  # python -m cgd.jobs '[[argv...], [argv...]]'
-    sys.exit(_run_chain(json.loads(sys.argv[1])))
+if __name__ == "__main__":  # python -m cgd.jobs '{"run": RUN, "argvs": [[argv...], ...]}'
+    _spec = json.loads(sys.argv[1])
+    sys.exit(_run_chain(_spec["run"], _spec["argvs"]))

@@ -116,14 +116,17 @@ def safe_path(user_path: str | os.PathLike, roots: list[Path] | None = None, mus
     if ".." in p.parts:
         raise PathRejected(f"{raw!r}: '..' is not allowed in paths; give a path inside {_roots_text(roots)}")
     candidates = [p.resolve()] if p.is_absolute() else [(r / p).resolve() for r in roots]
-    inside = [c for c in candidates if any(_within(c, r) for r in roots)]
-    if not inside:
-        raise PathRejected(f"{raw!r} is outside the folders this dashboard may read ({_roots_text(roots)}); "
+    outside = PathRejected(f"{raw!r} is outside the folders this dashboard may read ({_roots_text(roots)}); "
                            "move the data there or set CGD_DATA_ROOT / CGD_RUNS_ROOT")
+    for cand in candidates:  # the first existing match decides (a symlink that leads outside is refused)
+        if cand.exists():
+            if any(_within(cand, r) for r in roots):
+                return cand
+            raise outside
+    inside = [cand for cand in candidates if any(_within(cand, r) for r in roots)]
+    if not inside:
+        raise outside
     if must_exist:
-        for c in inside:
-            if c.exists():
-                return c
         raise PathRejected(f"{raw!r}: not found inside {_roots_text(roots)}")
     return inside[0]
 
