@@ -45,6 +45,7 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--classnames", default=None, help="file with one class name per line, for the prompts")
     g.add_argument("--templates", default=None, help="file with one prompt template per line, each containing {}")
     g.add_argument("--score-batch-size", type=int, default=None)
+    g.add_argument("--chunk-size", type=int, default=None, help="images per saved scoring chunk (a killed job resumes from the last one)")
     g = p.add_argument_group("models")
     g.add_argument("--model", default=None, help="checkpoint of the model to repair (default: train one on the data)")
     g.add_argument("--arch", default=None, choices=["preact-resnet18", "small-cnn"])
@@ -203,8 +204,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not 0 < args.trusted_fraction <= 1:
             raise SystemExit("cgd train: --trusted-fraction must lie in (0, 1]")
         n = int(round(len(s) * args.trusted_fraction))
-        idx = np.arange(n)
-        info.update(trusted_fraction=args.trusted_fraction, indices=idx.tolist())
+        idx = np.sort(np.random.default_rng(args.seed).permutation(len(s))[:n])  # seeded sample, any file order
+        info.update(trusted_fraction=args.trusted_fraction, seed=args.seed, indices=idx.tolist())
         s = s.subset(idx)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, s.num_classes)
@@ -218,7 +219,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.eval:
         test = load_dataset(args.data, "test")
         if args.split == "test" and args.trusted_fraction is not None:
-            test = test.subset(np.arange(len(info["indices"]), len(test)))
+            test = test.subset(np.setdiff1d(np.arange(len(test)), info["indices"]))
         m = evaluate_model(model, test.images, test.labels, device=args.device or "auto")
         msg += f"; test accuracy {m['ca']:.2f}% on {len(test)} images"
     print(msg)
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier (e.g. a trusted reference on a clean split)")
     t.add_argument("--data", required=True)
     t.add_argument("--split", default="train", choices=["train", "test"])
-    t.add_argument("--trusted-fraction", type=float, default=None, help="train on the first F of the split only")
+    t.add_argument("--trusted-fraction", type=float, default=None,
+                   help="train on a seeded random fraction F of the split only (recorded, and kept out of evaluation by `cgd run`)")
     t.add_argument("--arch", default="small-cnn", choices=["preact-resnet18", "small-cnn"])
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=1e-3)

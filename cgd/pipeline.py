@@ -363,6 +363,9 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
         if not Path(cfg.clip_config).is_file():
             raise FileNotFoundError(f"{cfg.clip_config}: open_clip model config not found")
         open_clip.add_model_config(cfg.clip_config)
+    import torch
+
+    torch.manual_seed(cfg.seed)  # random-weight references (tests) must not depend on which stages ran before
     ref = make_reference(cfg.reference, names, templates, pretrained=cfg.resolved_pretrained(), checkpoint=cfg.checkpoint,
                          device=ctx.device, precision=cfg.precision, batch_size=cfg.score_batch_size)
     chunk_dir = run.path("chunks", "reference")
