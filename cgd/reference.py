@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import time
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -58,27 +59,68 @@ class Reference(Protocol):
     def describe(self) -> dict: ...
 
 
+@lru_cache(maxsize=64)
+def _resize_weights(n_in: int, n_out: int, mode: str) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix ``A`` with ``A @ v`` == 1-D antialiased ``mode`` resize of ``v``.
+
+    Built by resizing the identity with :func:`torch.nn.functional.interpolate` itself, so the
+    weights are exactly PyTorch's (PIL-style bicubic a=-0.5 / bilinear, antialiased when shrinking).
+    Every row sums to 1.
+    """
+    eye = torch.eye(n_in, dtype=torch.float32)[None, None]  # (1, 1, n_in, n_in): resize the rows only
+    out = F.interpolate(eye, size=(n_out, n_in), mode=mode, align_corners=False, antialias=True)
+    return out[0, 0].double()
+
+
+_RESIZE_CACHE: dict = {}
+
+
+def _resize_matrices(h: int, w: int, size: tuple[int, int], mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column matrices (th, h), (w, tw) float32 on ``device`` for shortest-side resize to
+    ``size`` followed by a centre crop."""
+    key = (h, w, tuple(size), mode, str(device))
+    hit = _RESIZE_CACHE.get(key)
+    if hit is None:
+        th, tw = size
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        a_h = _resize_weights(h, nh, mode)[top:top + th]
+        a_w = _resize_weights(w, nw, mode)[left:left + tw]
+        hit = (a_h.float().to(device), a_w.T.contiguous().float().to(device))
+        if len(_RESIZE_CACHE) > 64:
+            _RESIZE_CACHE.clear()
+        _RESIZE_CACHE[key] = hit
+    return hit
+
+
 def gpu_preprocess(x_u8: torch.Tensor, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
                    interpolation: str = "bicubic", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, 3, h, w) uint8 on the device -> (B, 3, *size) normalised float of ``dtype``.
 
-    Resizes the shortest side to the target with antialiasing, centre-crops, then normalises.
+    Resizes the shortest side to the target with antialiasing, centre-crops, then normalises —
+    the same result as ``F.interpolate(..., antialias=True)`` + crop + clamp to [0, 1] (bicubic)
+    + ``(x - mean) / std``, computed as two small fp32 matrix products (rows, then columns) with
+    the interpolation weights: several times faster than ``F.interpolate`` on a CPU, and a
+    negligible cost on a GPU. Normalisation runs first, on the small image (exact, because each
+    row of weights sums to 1); the bicubic overshoot is clamped to the image of [0, 1].
     """
-    x = x_u8.float().div_(255.0)
+    if x_u8.ndim != 4 or x_u8.shape[1] != 3:
+        raise ValueError(f"gpu_preprocess: expected (B, 3, h, w) images, got {tuple(x_u8.shape)}")
+    dev = x_u8.device
+    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    # (x / 255 - m) / s  ==  x * (1 / (255 s)) - m / s
+    x = torch.addcmul(-m / s, x_u8.float(), 1.0 / (255.0 * s))
     th, tw = size
     h, w = x.shape[-2:]
     if (h, w) != (th, tw):
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
         mode = interpolation if interpolation in ("bicubic", "bilinear") else "bilinear"
-        x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        x = x[..., top:top + th, left:left + tw]
+        a_h, a_wt = _resize_matrices(h, w, (th, tw), mode, dev)
+        x = torch.matmul(a_h, torch.matmul(x, a_wt))  # (B, 3, th, tw)
         if mode == "bicubic":
-            x = x.clamp_(0.0, 1.0)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x - m) / s).to(dtype)
+            x = x.clamp_(min=-m / s, max=(1.0 - m) / s)
+    return x.to(dtype)
 
 
 @torch.no_grad()
@@ -108,8 +150,18 @@ class ClipReference:
     pretrained : open_clip pretrained tag (downloads weights), or None.
     checkpoint : local weights file; wins over ``pretrained``. Neither: random weights (tests only).
     device, precision : ``"auto"`` picks CUDA / bf16 where available. bf16 casts the weights.
-    batch_size : images per forward pass.
+    batch_size : images per forward pass on a GPU. On a CPU the forward pass runs in micro-batches
+        of at most :attr:`cpu_forward_batch` (64) images whatever ``batch_size`` says: a ViT's
+        activations for 64 images stay in the caches, and 256 runs ~2-3x slower per image.
+
+    Speed notes: images move to the device as uint8 and are resized/normalised there by
+    :func:`gpu_preprocess` (two small matrix products); the forward pass runs under
+    ``torch.inference_mode`` with bf16 weights where chosen; ResNet towers use channels_last.
+    Under ``torchrun`` each process scores a contiguous slice of the images and the results are
+    gathered in order (:mod:`cgd.distributed`).
     """
+
+    cpu_forward_batch = 64
 
     def __init__(self, model_name: str, classnames: Sequence[str], templates: Sequence[str],
                  pretrained: str | None = None, checkpoint: str | Path | None = None,
@@ -159,6 +211,18 @@ class ClipReference:
         self.text_classifier = build_text_classifier(model, tokenizer, self.classnames, self.templates, self.device)
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
         self.model = model.to(self.dtype)
+        # convolutional towers (open_clip ModifiedResNet, timm CNNs) run faster in channels_last;
+        # a ViT's only convolution is its patch embedding, where the layout does not matter
+        self.channels_last = not hasattr(model.visual, "transformer")
+        if self.channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+
+    @property
+    def forward_batch_size(self) -> int:
+        """Images per forward pass on this device (see the class docstring)."""
+        if self.device.type == "cpu":
+            return max(1, min(self.batch_size, self.cpu_forward_batch))
+        return max(1, self.batch_size)
 
     def describe(self) -> dict:
         return {"kind": "clip", "model": self.model_name, "pretrained": self.pretrained,
@@ -170,25 +234,37 @@ class ClipReference:
     def encode_images(self, x_u8: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) uint8 on the device -> (B, D) float32 L2-normalised embeddings."""
         x = gpu_preprocess(x_u8, self.input_size, self.mean, self.std, self.interpolation, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
-    @torch.no_grad()
     def score(self, images: np.ndarray, progress: ProgressFn | None = None) -> ReferenceScores:
         """Zero-shot logits (N, K) and embeddings (N, D) for (N, H, W, 3) uint8 images."""
+        from .distributed import gather_in_order, is_distributed, shard_range
+
         t0 = time.perf_counter()
         n = len(images)
-        logits, embs = [], []
-        for i in range(0, n, self.batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch_size])).to(self.device, non_blocking=True)
-            e = self.encode_images(xb.permute(0, 3, 1, 2))
-            embs.append(e.cpu())
-            logits.append((self.logit_scale * e @ self.text_classifier).cpu())
-            if progress is not None:
-                progress(min(i + self.batch_size, n), n)
-        d = self.text_classifier.shape[0]
-        lg = torch.cat(logits).numpy() if logits else np.zeros((0, len(self.classnames)), np.float32)
-        em = torch.cat(embs).numpy() if embs else np.zeros((0, d), np.float32)
-        return ReferenceScores(lg.astype(np.float32), em.astype(np.float32), time.perf_counter() - t0, self.describe())
+        dist = is_distributed()
+        lo, hi = shard_range(n) if dist else (0, n)
+        d, k = self.text_classifier.shape
+        # results stay on the device until the end: no per-batch device->host synchronisation
+        em = torch.empty((hi - lo, d), dtype=torch.float32, device=self.device)
+        step = self.forward_batch_size
+        with torch.inference_mode():
+            for i in range(lo, hi, step):
+                j = min(i + step, hi)
+                xb = torch.from_numpy(np.ascontiguousarray(images[i:j]))
+                if xb.ndim != 4 or xb.shape[-1] != 3 or xb.dtype != torch.uint8:
+                    raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(xb.shape)} {xb.dtype}")
+                em[i - lo:j - lo] = self.encode_images(xb.to(self.device, non_blocking=True).permute(0, 3, 1, 2))
+                if progress is not None:
+                    progress((j - lo) * n // max(hi - lo, 1) if dist else j, n)  # this rank's share, scaled
+            lg = (self.logit_scale * em @ self.text_classifier).cpu().numpy()
+            emb = em.cpu().numpy()
+        if dist:
+            lg, emb = gather_in_order(lg), gather_in_order(emb)
+        return ReferenceScores(lg.astype(np.float32, copy=False), emb.astype(np.float32, copy=False),
+                               time.perf_counter() - t0, self.describe())
 
 
 class ClassifierReference:
@@ -210,19 +286,28 @@ class ClassifierReference:
                 "trained_on": self.meta.get("trained_on")}
 
     def score(self, images: np.ndarray, progress: ProgressFn | None = None) -> ReferenceScores:
+        from .distributed import gather_in_order, is_distributed, shard_range
         from .train import predict
 
         t0 = time.perf_counter()
         logits, feats = [], []
+        dist = is_distributed()
+        n_all = len(images)
+        lo, hi = shard_range(n_all) if dist else (0, n_all)
+        images = images[lo:hi]
         n = len(images)
         for i in range(0, n, self.batch_size):
             lg, ft = predict(self.model, images[i:i + self.batch_size], self.device, self.batch_size, self.precision, features=True)
             logits.append(lg)
             feats.append(ft)
             if progress is not None:
-                progress(min(i + self.batch_size, n), n)
-        lg = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
-        ft = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+                done = min(i + self.batch_size, n)
+                progress(done * n_all // max(n, 1) if dist else done, n_all)
+        k = self.model.linear.out_features
+        lg = np.concatenate(logits) if logits else np.zeros((0, k), np.float32)
+        ft = np.concatenate(feats) if feats else np.zeros((0, self.model.linear.in_features), np.float32)
+        if dist:
+            lg, ft = gather_in_order(lg.astype(np.float32)), gather_in_order(ft.astype(np.float32))
         ft = ft / np.maximum(np.linalg.norm(ft, axis=1, keepdims=True), 1e-12)
         return ReferenceScores(lg.astype(np.float32), ft.astype(np.float32), time.perf_counter() - t0, self.describe())
 

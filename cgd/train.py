@@ -4,6 +4,11 @@ The whole image set sits on the device as one uint8 tensor (N, 3, H, W); batches
 of a seeded permutation; augmentation (random crop with zero padding 4, horizontal flip) runs on the
 batch on the device; the forward/backward pass runs in bf16 autocast with channels_last memory.
 No DataLoader, no per-sample Python.
+
+Under ``torchrun`` (see :mod:`cgd.distributed`) :func:`train_classifier` trains with
+DistributedDataParallel: every rank draws the same seeded permutation, takes its contiguous share
+of each global batch of ``batch_size`` and augments it with its own random stream; gradients are
+averaged across ranks and the epoch statistics are summed over them.
 """
 from __future__ import annotations
 
@@ -129,7 +134,10 @@ def train_classifier(
     images: (N, H, W, 3) uint8 (numpy) or an (N, 3, H, W) uint8 tensor already on the device.
     labels: (N,) int64. Each stats dict holds epoch, loss (mean CE), train_acc, seconds, images_per_s.
     """
+    from .distributed import all_reduce_sum, is_distributed, rank, shard_range, world_size, wrap_ddp
+
     dev = resolve_device(device)
+    dist = is_distributed()
     prec = resolve_precision(cfg.precision, dev)
     x_all = images if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3) else to_device_u8(images, dev)
     x_all = x_all.to(dev)
@@ -140,14 +148,16 @@ def train_classifier(
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    net = wrap_ddp(model, dev) if dist else model
     opt = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if cfg.max_batches is None else min(cfg.max_batches, math.ceil(n / cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch)) if cfg.schedule == "cosine" else None
     gen_cpu = torch.Generator().manual_seed(cfg.seed)
-    gen_dev = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    # each rank augments with its own stream; a single process keeps the historical seed
+    gen_dev = torch.Generator(device=dev).manual_seed(cfg.seed + 1 + (7919 * rank() if dist else 0))
     history = []
     bar = None
-    if progress:
+    if progress and (not dist or rank() == 0):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch", leave=False)
@@ -158,13 +168,18 @@ def train_classifier(
         correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
         for bidx in iterate_batches(n, cfg.batch_size, gen_cpu, dev, max_batches=cfg.max_batches):
+            if dist:  # every rank sees the same global batch; keep this rank's share
+                if len(bidx) < world_size():
+                    continue  # a last batch too small to split: skipped by every rank alike
+                lo, hi = shard_range(len(bidx))
+                bidx = bidx[lo:hi]
             xb = x_all[bidx]
             if cfg.augment:
                 xb = augment_batch(xb, gen_dev)
             xb = u8_to_float(xb, cfg.channels_last)
             yb = y_all[bidx]
             with autocast(dev, prec):
-                out = model(xb)
+                out = net(xb)
                 loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,6 +191,9 @@ def train_classifier(
             seen += len(bidx)
             if bar is not None:
                 bar.update(1)
+        if dist:
+            seen_t = all_reduce_sum(torch.tensor(float(seen), device=dev))
+            tot_loss, correct, seen = all_reduce_sum(tot_loss), all_reduce_sum(correct), int(seen_t.item())
         dt = time.perf_counter() - t0
         stats = {"epoch": epoch + 1, "loss": float(tot_loss) / seen, "train_acc": float(correct) / seen,
                  "seconds": dt, "images_per_s": seen / dt}
@@ -201,9 +219,21 @@ def predict(
     the penultimate features (N, D) float32. Batched on the device, bf16 autocast where chosen."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    model.eval().to(dev)
+    model.eval().to(dev)  # outside inference mode: moved parameters must stay trainable
     n = len(images)
     outs, feats = [], []
+    with torch.inference_mode():
+        _predict_batches(model, images, dev, batch_size, prec, features, outs, feats)
+    k = getattr(getattr(model, "linear", None), "out_features", 0)
+    logits = torch.cat(outs).numpy() if outs else np.zeros((0, k), np.float32)
+    if features:
+        return logits, (torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32))
+    return logits
+
+
+def _predict_batches(model: nn.Module, images, dev: torch.device, batch_size: int, prec: str, features: bool,
+                     outs: list, feats: list) -> None:
+    n = len(images)
     for i in range(0, n, batch_size):
         xb = to_device_u8(images[i:i + batch_size], dev) if not isinstance(images, torch.Tensor) or images.shape[1] != 3 else images[i:i + batch_size].to(dev)
         xb = u8_to_float(xb, channels_last=True)
@@ -214,8 +244,3 @@ def predict(
                 feats.append(f.float().cpu())
             else:
                 outs.append(model(xb).float().cpu())
-    k = getattr(getattr(model, "linear", None), "out_features", 0)
-    logits = torch.cat(outs).numpy() if outs else np.zeros((0, k), np.float32)
-    if features:
-        return logits, (torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32))
-    return logits
