@@ -32,6 +32,10 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"], help="compute precision (default auto: bf16 where fast)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--subset", type=int, default=None, help="use the first N samples per split after a seeded shuffle")
+    g.add_argument("--data-root", default=None,
+                   help="backdoorbench records: folder of the clean dataset the attack used (default $CGD_DATA_ROOT, else the record's data_path)")
+    g.add_argument("--on-bad-files", default=None, choices=["skip", "error"],
+                   help="imagefolder: skip non-image files (counted in the run's dataset notes; default) or stop with an error")
     g = p.add_argument_group("attack simulator (for demos and benchmarks)")
     g.add_argument("--attack", default=None, help="poison the loaded clean set first (cgd attack --list)")
     g.add_argument("--poison-rate", type=float, default=None)
@@ -199,6 +203,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train_classifier
 
     s = load_dataset(args.data, args.split)
+    s.images = np.array(s.images)  # training holds the set in memory anyway (the loader may memory-map it)
     info: dict = {"data": args.data, "split": args.split}
     if args.trusted_fraction is not None:
         if not 0 < args.trusted_fraction <= 1:
@@ -218,6 +223,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     msg = f"wrote {args.out} ({args.arch}, {len(s)} images, {args.epochs} epochs)"
     if args.eval:
         test = load_dataset(args.data, "test")
+        test.images = np.array(test.images)
         if args.split == "test" and args.trusted_fraction is not None:
             test = test.subset(np.setdiff1d(np.arange(len(test)), info["indices"]))
         m = evaluate_model(model, test.images, test.labels, device=args.device or "auto")
@@ -345,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_pipeline(args, STAGES_FOR[args.cmd])
         return {"attack": _cmd_attack, "train": _cmd_train, "export": _cmd_export, "status": _cmd_status,
                 "stop": _cmd_stop, "umap": _cmd_umap}[args.cmd](args)
-    except (DatasetError, CheckpointError, ReferenceError, RunLockedError, FileNotFoundError, ValueError) as e:
-        print(f"cgd: error: {e}", file=sys.stderr)
+    except (DatasetError, CheckpointError, ReferenceError, RunLockedError, OSError, ValueError) as e:
+        msg = " ".join(str(e).split("\n"))  # one line, whatever the underlying library said
+        print(f"cgd: error: {msg}", file=sys.stderr)
         return 2
     except PipelineStopped:
         print("cgd: stopped by request; run the same command again to resume", file=sys.stderr)

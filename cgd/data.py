@@ -2,7 +2,11 @@
 
 Every loader returns images as one ``(N, H, W, 3)`` uint8 array (RGB) and labels as ``(N,)``
 int64, decoded once and cached on disk (``$CGD_CACHE`` or ``~/.cache/cgd``) keyed by the files'
-names, sizes and modification times. Dataset specs are strings ``kind:PATH``:
+names, sizes and modification times. Loaders that decode image files (ImageFolder, GTSRB,
+Tiny-ImageNet) stream the decoded pixels into an ``.npy`` file in the cache and return it
+memory-mapped (``mmap_mode='r'``): a set larger than RAM loads in constant memory, and
+:func:`iter_row_chunks` / :func:`release_pages` walk such an array without keeping it resident.
+Dataset specs are strings ``kind:PATH``:
 
 ``cifar10:ROOT``, ``cifar100:ROOT``, ``gtsrb:ROOT``, ``tinyimagenet:ROOT``, ``imagefolder:ROOT``,
 ``npz:FILE``, ``backdoorbench:RECORD_DIR`` (a BackdoorBench attack record; see :mod:`cgd.backdoorbench`).
@@ -35,13 +39,16 @@ __all__ = [
     "load_gtsrb",
     "load_tinyimagenet",
     "decode_images",
+    "iter_row_chunks",
+    "release_pages",
     "DATASET_KINDS",
     "IMAGE_EXTENSIONS",
     "cache_dir",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MAX_IMAGE_PIXELS = 8192 * 8192  # refuse decompression bombs; larger images need an explicit opt-in
+# refuse decompression bombs; larger images need an explicit opt-in ($CGD_MAX_IMAGE_PIXELS)
+MAX_IMAGE_PIXELS = int(os.environ.get("CGD_MAX_IMAGE_PIXELS") or 8192 * 8192)
 
 
 class DatasetError(ValueError):
@@ -115,10 +122,13 @@ class ImageSet:
         return self.poison_mask is not None
 
     def fingerprint(self) -> str:
-        """SHA-256 (first 16 hex digits) of pixels, labels and order: equal sets give equal prints."""
+        """SHA-256 (first 16 hex digits) of pixels, labels and order: equal sets give equal prints.
+
+        Hashes the pixels chunk by chunk (constant memory for a memory-mapped set)."""
         h = hashlib.sha256()
         h.update(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images).data)
+        for _, _, chunk in iter_row_chunks(self.images):
+            h.update(np.ascontiguousarray(chunk).data)
         h.update(np.ascontiguousarray(self.labels).data)
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()[:16]
@@ -183,6 +193,42 @@ def _cached(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, n
     return arrays
 
 
+def _cached_images(key: str, files: Sequence[Path], size: tuple[int, int] | None,
+                   **small: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decoded ``files`` (memory-mapped read-only, see :func:`decode_images`) and the ``small``
+    arrays (labels), cached under ``key``.
+
+    The pixels live in ``KEY.x.npy`` (streamed, renamed into place when complete), the small arrays
+    in ``KEY.npz``, written last: an entry counts only when both exist and agree on N, so a killed
+    or failed build leaves nothing that is ever read back (its temp files are removed by the next).
+    """
+    from .runs import remove_stale_temps
+
+    d = cache_dir()
+    xp, zp = d / f"{key}.x.npy", d / f"{key}.npz"
+    if zp.is_file() and xp.is_file():
+        try:
+            with np.load(zp, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            x = np.load(xp, mmap_mode="r", allow_pickle=False)
+            n_ok = int(arrays.pop("_n", -1)) == len(files) == len(x)
+            if n_ok and x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] == 3 and set(arrays) == set(small):
+                return x, arrays
+        except Exception:  # a corrupt cache entry is rebuilt
+            pass
+    zp.unlink(missing_ok=True)
+    xp.unlink(missing_ok=True)
+    remove_stale_temps(d, prefix=f".{key}.")
+    x = decode_images(files, size, out=xp)
+    tmp = d / f".{key}.npz.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, _n=np.int64(len(files)), **small)
+        os.replace(tmp, zp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return x, dict(small)
+
+
 def _decode_one(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -225,14 +271,21 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: cannot read image header ({e})") from None
 
 
-def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, workers: int | None = None) -> np.ndarray:
+def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, workers: int | None = None,
+                  out: str | os.PathLike | None = None) -> np.ndarray:
     """Decode image files to one (N, H, W, 3) uint8 array.
 
     ``size`` (H, W): resize every image to it (bicubic). When ``None`` all images must share a size,
     else the most common size among the first 256 is used and the others resized to it.
-    Decoding runs in a thread pool (PIL releases the GIL while decoding).
+    Decoding runs in a thread pool (PIL releases the GIL while decoding), in chunks of rows; the
+    first bad file stops it with a :class:`DatasetError` naming the file.
+
+    ``out``: a path: stream the pixels into an ``.npy`` file there instead of memory — each worker
+    writes its decoded chunk straight into a temp file (``os.pwrite``), which is renamed onto
+    ``out`` once every image is in and removed on any error — and return it memory-mapped
+    read-only. Resident memory stays at a few chunks whatever N is.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from .runs import NpyWriter
 
     files = [Path(f) for f in files]
     if not files:
@@ -240,14 +293,107 @@ def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, wo
     if size is None:
         sizes = Counter(_image_size(f) for f in files[:256])
         size = sizes.most_common(1)[0][0]
-    out = np.empty((len(files), size[0], size[1], 3), np.uint8)
+    shape = (len(files), int(size[0]), int(size[1]), 3)
+    if out is None:
+        arr = np.empty(shape, np.uint8)
 
-    def work(i: int) -> None:
-        out[i] = _decode_one(files[i], size)
+        def put(lo: int, block: np.ndarray) -> None:
+            arr[lo:lo + len(block)] = block
 
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2)) as ex:
-        list(ex.map(work, range(len(files))))
-    return out
+        _decode_into(files, size, workers, put)
+        return arr
+    with NpyWriter(out, shape, np.uint8) as w:
+        _decode_into(files, size, workers, w.write_at)
+    return np.load(out, mmap_mode="r", allow_pickle=False)
+
+
+def _decode_into(files: Sequence[Path], size: tuple[int, int], workers: int | None,
+                 sink: Callable[[int, np.ndarray], None]) -> None:
+    """Decode ``files`` in chunks on a thread pool; ``sink(first_row, block)`` receives each chunk.
+
+    Fails fast: the first error stops the other workers and is raised (lowest chunk first)."""
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    n = len(files)
+    step = int(np.clip((8 << 20) // max(size[0] * size[1] * 3, 1), 1, 256))
+    stop = threading.Event()
+
+    def work(lo: int) -> None:
+        hi = min(lo + step, n)
+        buf = np.empty((hi - lo, size[0], size[1], 3), np.uint8)
+        for i in range(lo, hi):
+            if stop.is_set():
+                return
+            buf[i - lo] = _decode_one(files[i], size)
+        sink(lo, buf)
+
+    ex = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2))
+    futs = [ex.submit(work, lo) for lo in range(0, n, step)]
+    try:
+        wait(futs, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futs if f.done() and not f.cancelled() and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+    except BaseException:
+        stop.set()
+        for f in futs:
+            f.cancel()
+        raise
+    finally:
+        ex.shutdown(wait=True)
+
+
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # numpy < 2
+        byte_bounds = np.byte_bounds
+    return byte_bounds(a)
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Let the OS drop the resident pages under ``arr``, a slice of a memory-mapped file.
+
+    For a read-only or shared map (``np.memmap`` modes ``'r'``, ``'r+'``, ``'w+'``) the data stays
+    on disk and in the page cache and is read back on the next access: only the process's resident
+    memory changes (Linux ``MADV_DONTNEED``). A no-op for in-memory arrays, copy-on-write maps
+    (mode ``'c'``, whose private changes would be lost) and platforms without ``madvise``.
+    """
+    import mmap
+
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or getattr(arr, "mode", "c") not in ("r", "r+", "w+") or arr.size == 0 or not hasattr(mm, "madvise"):
+        return
+    try:
+        base = np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
+        lo, hi = _byte_bounds(arr)
+        ps = mmap.PAGESIZE
+        start = (lo - base) // ps * ps
+        end = min(-(-(hi - base) // ps) * ps, len(mm))
+        if 0 <= start < end:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (ValueError, OSError, BufferError, TypeError, AttributeError):
+        pass
+
+
+def iter_row_chunks(arr: np.ndarray, max_bytes: int = 32 << 20):
+    """Yield ``(start, stop, arr[start:stop])`` over the rows of ``arr`` in slices of at most
+    ``max_bytes`` (at least one row each).
+
+    Slices of a memory map are released (:func:`release_pages`) once the consumer asks for the
+    next one, so walking a larger-than-RAM array keeps resident memory flat. The slices are views:
+    copy what must outlive the step.
+    """
+    n = len(arr)
+    if n == 0:
+        return
+    step = max(1, int(max_bytes) // max(1, arr.nbytes // n))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        block = arr[start:stop]
+        yield start, stop, block
+        release_pages(block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +591,8 @@ def load_imagefolder(root: str | os.PathLike, size: tuple[int, int] | None = Non
     root = Path(root)
     files, labels, classes, skipped = _list_imagefolder(root, on_bad)
     key = "imagefolder-" + _files_key(files, f"{root.resolve()}|{size}")
-    arr = _cached(key, lambda: {"x": decode_images(files, size), "y": np.array(labels, np.int64)})
-    s = ImageSet(arr["x"], arr["y"], classes, name=f"imagefolder:{root}")
+    x, arr = _cached_images(key, files, size, y=np.array(labels, np.int64))
+    s = ImageSet(x, arr["y"], classes, name=f"imagefolder:{root}")
     s.meta["skipped_files"] = skipped
     return s
 
@@ -629,10 +775,10 @@ def load_gtsrb(root: str | os.PathLike, split: str = "train", size: tuple[int, i
     if not files:
         raise DatasetError(f"{base}: no GTSRB images found for split {split!r}")
     key = f"gtsrb-{split}-" + _files_key(files, f"{base.resolve()}|{size}")
-    arr = _cached(key, lambda: {"x": decode_images(files, size), "y": np.array(labels, np.int64)})
+    x, arr = _cached_images(key, files, size, y=np.array(labels, np.int64))
     from .zero_shot_metadata import GTSRB_CLASSNAMES
 
-    return ImageSet(arr["x"], arr["y"], list(GTSRB_CLASSNAMES), name=f"gtsrb:{split}")
+    return ImageSet(x, arr["y"], list(GTSRB_CLASSNAMES), name=f"gtsrb:{split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,8 +862,8 @@ def load_tinyimagenet(root: str | os.PathLike, split: str = "train", class_order
     if not files:
         raise DatasetError(f"{base}: no Tiny-ImageNet images found for split {split!r}")
     key = f"tiny-{split}-{class_order}-" + _files_key(files, str(base.resolve()))
-    arr = _cached(key, lambda: {"x": decode_images(files, (64, 64)), "y": np.array(labels, np.int64)})
-    return ImageSet(arr["x"], arr["y"], [names[w] for w in wnids], name=f"tinyimagenet:{split}")
+    x, arr = _cached_images(key, files, (64, 64), y=np.array(labels, np.int64))
+    return ImageSet(x, arr["y"], [names[w] for w in wnids], name=f"tinyimagenet:{split}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -740,12 +886,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike | None = None) -> tuple[ImageSet, ImageSet | None]:
+def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike | None = None,
+                on_bad_files: str = "skip") -> tuple[ImageSet, ImageSet | None]:
     """Load (train, test) from a ``kind:PATH`` spec; test is ``None`` where the source has none.
 
     ``data_root``: for ``backdoorbench:RECORD_DIR``, the folder of the clean dataset the attack used
     (default ``$CGD_DATA_ROOT``, else the record's own ``data_path``); ignored by the other kinds.
+    ``on_bad_files``: for ``imagefolder``, ``"skip"`` non-image files (counted in each split's
+    ``meta['skipped_files']``) or raise an ``"error"`` naming the first.
     """
+    if on_bad_files not in ("skip", "error"):
+        raise ValueError(f"on_bad_files must be 'skip' or 'error', got {on_bad_files!r}")
     kind, path = parse_spec(spec)
     if kind in ("cifar10", "cifar100"):
         k = 10 if kind == "cifar10" else 100
@@ -757,12 +908,12 @@ def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike 
     if kind == "imagefolder":
         root = Path(path)
         if (root / "train").is_dir():
-            train = load_imagefolder(root / "train")
-            test = load_imagefolder(root / "test", size=train.image_size) if (root / "test").is_dir() else None
+            train = load_imagefolder(root / "train", on_bad=on_bad_files)
+            test = load_imagefolder(root / "test", size=train.image_size, on_bad=on_bad_files) if (root / "test").is_dir() else None
             if test is not None and test.classes != train.classes:
                 raise DatasetError(f"{root}: test/ classes {test.classes} differ from train/ classes {train.classes}")
             return train, test
-        return load_imagefolder(root), None
+        return load_imagefolder(root, on_bad=on_bad_files), None
     if kind == "npz":
         return load_npz(path)
     if kind == "backdoorbench":
@@ -772,9 +923,11 @@ def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike 
     raise AssertionError(kind)
 
 
-def load_dataset(spec: str, split: str = "train", download: bool = False, data_root: str | os.PathLike | None = None) -> ImageSet:
-    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec (``data_root``: see :func:`load_splits`)."""
-    train, test = load_splits(spec, download, data_root)
+def load_dataset(spec: str, split: str = "train", download: bool = False, data_root: str | os.PathLike | None = None,
+                 on_bad_files: str = "skip") -> ImageSet:
+    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec (``data_root``, ``on_bad_files``:
+    see :func:`load_splits`)."""
+    train, test = load_splits(spec, download, data_root, on_bad_files)
     if split == "train":
         return train
     if test is None:

@@ -43,6 +43,8 @@ class RunConfig:
 
     data: str = ""
     out: str = ""
+    data_root: str | None = None  # backdoorbench records: folder of the clean dataset the attack used
+    on_bad_files: str = "skip"  # imagefolder: "skip" non-image files (counted in the dataset notes) or "error"
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
@@ -198,6 +200,7 @@ class _Ctx:
 
         self.device = resolve_device(cfg.device)
         self._data: RunData | None = None
+        self._data_mm: RunData | None = None
 
     def check_stop(self) -> None:
         if self.run.path("STOP").exists():
@@ -205,9 +208,19 @@ class _Ctx:
 
     @property
     def data(self) -> RunData:
+        """The run's dataset in memory (training stages need it resident)."""
         if self._data is None:
             self._data = load_run_data(self.run, mmap=False)
         return self._data
+
+    @property
+    def data_mapped(self) -> RunData:
+        """The run's dataset with images memory-mapped read-only (scoring streams through them)."""
+        if self._data is not None:
+            return self._data
+        if self._data_mm is None:
+            self._data_mm = load_run_data(self.run, mmap=True)
+        return self._data_mm
 
     def reporter(self, stage: str, total: int, unit: str = "img") -> Reporter:
         return Reporter(self.run, stage, total, unit, bar=self.bars)
@@ -216,13 +229,18 @@ class _Ctx:
 def _stage_data(ctx: _Ctx) -> str:
     cfg, run = ctx.cfg, ctx.run
     key = _key("data", cfg.data, cfg.subset, cfg.seed, cfg.holdout_fraction, cfg.attack, cfg.poison_rate, cfg.target,
-               cfg.attack_params, cfg.reference if cfg.reference.startswith("classifier:") else None)
+               cfg.attack_params, cfg.reference if cfg.reference.startswith("classifier:") else None,
+               *((("data_root", cfg.data_root),) if cfg.data_root else ()))
     if run.stage_done("data", key, ["data/train_x.npy", "data/classes.json"]):
         return key
     t0 = time.perf_counter()
     kind, _ = parse_spec(cfg.data)
-    train, test = load_splits(cfg.data)
+    train, test = load_splits(cfg.data, data_root=cfg.data_root, on_bad_files=cfg.on_bad_files)
     notes = []
+    skipped = {n: s.meta.get("skipped_files", 0) for n, s in (("train", train), ("test", test)) if s is not None}
+    if any(skipped.values()):
+        notes.append("skipped non-image files: " + ", ".join(f"{v} in {n}" for n, v in skipped.items() if v)
+                     + " (use --on-bad-files error to refuse them)")
     if test is None:
         if not 0 < cfg.holdout_fraction < 1:
             raise DatasetError(f"{cfg.data}: has no test split; set holdout_fraction in (0, 1) to carve one")
@@ -288,7 +306,7 @@ def _stage_data(ctx: _Ctx) -> str:
     write_json(run.path("data", "info.json"), info)
     run.update_run(dataset=info)
     run.invalidate_from(list(STAGES[1:]))
-    ctx._data = None
+    ctx._data = ctx._data_mm = None
     run.mark_stage("data", key, time.perf_counter() - t0)
     for n in notes:
         ctx.emit({"kind": "note", "message": n})
@@ -316,6 +334,7 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     d = ctx.data
     if cfg.model:
         model, meta = load_checkpoint(cfg.model, num_classes=d.train.num_classes, device="cpu")
+        _check_finite_weights(model, cfg.model)
         arch, source = meta["arch"], {"checkpoint": str(cfg.model)}
     else:
         import torch
@@ -331,6 +350,25 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     save_checkpoint(model, run.path("models", "victim.safetensors"), arch, d.train.classes, source=source)
     run.mark_stage("victim", key, time.perf_counter() - t0, arch=arch, **source)
     return key
+
+
+def _check_finite_weights(model, path: str) -> None:
+    """Raise a CheckpointError naming ``path`` and the first tensor holding NaN or infinite values."""
+    import torch
+
+    from .models import CheckpointError
+
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); "
+                              "the model is broken and cannot be repaired")
+
+
+def _check_finite_logits(lg: np.ndarray, what: str, start: int = 0) -> None:
+    bad = ~np.isfinite(lg).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: NaN or infinite logits for {int(bad.sum())} of {len(lg)} images "
+                         f"(first: sample {start + int(np.flatnonzero(bad)[0])}); the model's weights are broken")
 
 
 def _classnames_templates(cfg: RunConfig, d: RunData) -> tuple[list[str], list[str]]:
@@ -349,7 +387,7 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
     from .reference import make_reference
 
     cfg, run = ctx.cfg, ctx.run
-    d = ctx.data
+    d = ctx.data_mapped  # images stay on disk: scored chunk by chunk in constant memory
     names, templates = _classnames_templates(cfg, d)
     ref_ckpt = cfg.reference.split(":", 1)[1] if cfg.reference.startswith("classifier:") else cfg.checkpoint
     key = _key("reference", data_key, cfg.reference, cfg.resolved_pretrained(), ref_ckpt and _file_sig(ref_ckpt), names,
@@ -375,31 +413,59 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
         for f in chunk_dir.glob("*.npz"):
             f.unlink()
         write_json(chunk_dir / "key.json", {"key": key})
+    import warnings
+
+    from .data import release_pages
+    from .reference import ReferenceError
+    from .runs import NpyWriter
+
     n = len(d.train)
     rep = ctx.reporter("reference", n)
-    logits, embs = [], []
-    for start in range(0, n, cfg.chunk_size):
+    starts = list(range(0, n, cfg.chunk_size))
+    what = f"reference {cfg.reference}" + (f" ({ref_ckpt})" if ref_ckpt else "")
+    for start in starts:  # pass 1: every chunk scored and saved (a killed job resumes here)
         stop = min(start + cfg.chunk_size, n)
         cf = chunk_dir / f"{start:09d}.npz"
-        if cf.exists():
-            with np.load(cf, allow_pickle=False) as z:
-                lg, em = z["logits"], z["embeddings"]
-        else:
+        if not cf.exists():
             ctx.check_stop()
-            r = ref.score(d.train.images[start:stop], progress=lambda done, tot, s=start: rep(s + done))
-            lg, em = r.logits, r.embeddings
+            images = d.train.images[start:stop]
+            with warnings.catch_warnings():  # read-only memory map: the reference only reads it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                r = ref.score(images, progress=lambda done, tot, s=start: rep(s + done))
+            release_pages(images)
+            try:
+                _check_finite_logits(r.logits, what, start)
+            except ValueError as e:
+                raise ReferenceError(str(e)) from None
             tmp = cf.with_name(cf.stem + ".tmp.npz")
-            np.savez(tmp, logits=lg, embeddings=em)
+            np.savez(tmp, logits=r.logits, embeddings=r.embeddings)
             tmp.replace(cf)
-        logits.append(lg)
-        embs.append(em)
         rep(stop)
     rep.close()
-    lg = np.concatenate(logits)
-    run.save_array("clip_logits.npy", lg)
-    run.save_array("embeddings.npy", np.concatenate(embs).astype(np.float16 if n > 200_000 else np.float32))
+    # pass 2: stream the chunks into the two arrays (never all in memory at once)
+    y_true = d.train.true_labels()
+    correct = 0
+    emb_dtype = np.float16 if n > 200_000 else np.float32
+    writers: dict[str, NpyWriter] = {}
+    try:
+        for start in starts:
+            stop = min(start + cfg.chunk_size, n)
+            with np.load(chunk_dir / f"{start:09d}.npz", allow_pickle=False) as z:
+                lg, em = z["logits"].astype(np.float32, copy=False), z["embeddings"].astype(emb_dtype, copy=False)
+            if not writers:
+                writers = {"lg": NpyWriter(run.path("clip_logits.npy"), (n, lg.shape[1]), np.float32),
+                           "em": NpyWriter(run.path("embeddings.npy"), (n, em.shape[1]), emb_dtype)}
+            writers["lg"].write(lg)
+            writers["em"].write(em)
+            correct += int((lg.argmax(1) == y_true[start:stop]).sum())
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.commit()
     secs = time.perf_counter() - t0
-    zs_acc = float((lg.argmax(1) == d.train.true_labels()).mean()) if n else float("nan")
+    zs_acc = correct / n if n else float("nan")
     run.update_run(reference=ref.describe())
     run.mark_stage("reference", key, secs, images_per_s=n / max(secs, 1e-9), zero_shot_acc=zs_acc)
     return key
@@ -422,6 +488,7 @@ def _stage_suspicious(ctx: _Ctx, data_key: str, victim_key: str) -> str:
     if cfg.suspicious == "victim":
         model, _ = load_checkpoint(run.path("models", "victim.safetensors"), device=ctx.device)
         lg = predict(model, d.train.images, ctx.device, precision=cfg.precision)
+        _check_finite_logits(lg, f"model to repair {cfg.model or 'models/victim.safetensors'}")
     else:
         import torch
 
@@ -511,7 +578,7 @@ def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
     subset = df["subset"].map({"unused": 0, "clean": 1, "suspect": 2}).to_numpy(np.int8)
     info = {"config": cfg.separation_config().to_dict(), "n": len(df), "clean": int((subset == CLEAN).sum()),
             "suspect": int((subset == SUSPECT).sum()), "unused": int((subset == 0).sum()), "overrides": len(overrides)}
-    d = ctx.data
+    d = ctx.data_mapped  # only the labels and the ground truth are read
     if d.train.poison_mask is not None:
         info["detection"] = detection_metrics(subset, d.train.poison_mask, df["clip_nll"].to_numpy(), df["model_nll"].to_numpy())
     write_json(run.path("separation.json"), info)
@@ -677,6 +744,9 @@ def run_pipeline(cfg: RunConfig, stages: tuple[str, ...] | list[str] = STAGES, o
     emit = on_event or (lambda e: None)
     with run.lock():
         run.path("STOP").unlink(missing_ok=True)
+        from .runs import remove_stale_temps
+
+        remove_stale_temps(run.root, recursive=True)  # left by a killed job (we hold the lock)
         info = run.read_run()
         if not info:
             info = {"created": utcnow(), "format": "cgd-run-1"}
