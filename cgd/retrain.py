@@ -67,19 +67,21 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     ``kl`` (already times T^2) and ``unlearn`` (mean log p of the label, <= 0) over suspect
     samples; a term with no samples in the batch is 0. total = ce + alpha * kl + beta * unlearn.
     """
+    # Masked sums instead of boolean indexing and ``.any()``: the same maths without a
+    # device->host synchronisation per batch (on a GPU those stall the launch queue).
     student = student.float()
-    zero = student.new_zeros(())
-    clean = ~suspect
-    ce = F.cross_entropy(student[clean], labels[clean]) if clean.any() else zero
-    if suspect.any():
-        t = float(temperature)
-        s = student[suspect]
-        log_p_s = F.log_softmax(s / t, dim=1)
-        p_ref = F.softmax(reference[suspect].float() / t, dim=1)
-        kl = F.kl_div(log_p_s, p_ref, reduction="batchmean") * (t * t)
-        unlearn = F.log_softmax(s, dim=1).gather(1, labels[suspect, None]).mean()
-    else:
-        kl, unlearn = zero, zero
+    clean_f = (~suspect).to(student.dtype)
+    susp = suspect.bool()
+    n_clean = clean_f.sum().clamp(min=1.0)
+    n_susp = susp.to(student.dtype).sum().clamp(min=1.0)
+    ce = (F.cross_entropy(student, labels, reduction="none") * clean_f).sum() / n_clean
+    t = float(temperature)
+    log_p_s = F.log_softmax(student / t, dim=1)
+    p_ref = F.softmax(reference.float() / t, dim=1)
+    kl_rows = F.kl_div(log_p_s, p_ref, reduction="none").sum(1)  # (B,) KL(p_ref || p_student) per sample
+    kl = torch.where(susp, kl_rows, 0.0).sum() / n_susp * (t * t)
+    log_p_label = F.log_softmax(student, dim=1).gather(1, labels[:, None]).squeeze(1)
+    unlearn = torch.where(susp, log_p_label, 0.0).sum() / n_susp
     return {"total": ce + alpha * kl + beta * unlearn, "ce": ce, "kl": kl, "unlearn": unlearn}
 
 
