@@ -88,6 +88,9 @@ def reference_pattern(model, text_classifier: torch.Tensor, logit_scale: float, 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.setup_threads(args.threads)
+    from cgd.distributed import init_from_env
+
+    init_from_env()  # under torchrun: process group + this process's GPU before anything touches CUDA
     register_config(args.model_config)
     import open_clip
 

@@ -83,6 +83,9 @@ def _loader(ds, batch_size: int, workers: int, device: torch.device, seed: int):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.setup_threads(args.threads)
+    from cgd.distributed import init_from_env
+
+    init_from_env()  # under torchrun: process group + this process's GPU before anything touches CUDA
     from cgd.device import autocast, resolve_device, resolve_precision
     from cgd.models import build_model
     from cgd.retrain import RetrainConfig, guided_losses, guided_retrain
@@ -213,10 +216,13 @@ def main(argv=None) -> dict:
             rows.append((f"[{loop}] peak GPU memory (GiB)", ", ".join(f"{kk} {v.get('peak_mem_gib', float('nan')):.2f}" for kk, v in res.items())))
         del ceil_model
     rows.append(("GFLOP / image / step", f"{next(iter(out['loops'].values()))['gflop_per_image_step']:.3f}"))
-    common.print_summary(f"train_speed {args.model} on {dev}", rows)
-    path = common.append_result("train_speed", {"hardware": common.hardware(dev), "versions": common.versions(),
-                                                "settings": vars(args), **out}, args.results)
-    print(f"  result line appended to {path}")
+    from cgd.distributed import is_main_process
+
+    if is_main_process():
+        common.print_summary(f"train_speed {args.model} on {dev}", rows)
+        path = common.append_result("train_speed", {"hardware": common.hardware(dev), "versions": common.versions(),
+                                                    "settings": vars(args), **out}, args.results)
+        print(f"  result line appended to {path}")
     return out
 
 
