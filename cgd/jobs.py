@@ -246,9 +246,10 @@ def start_job(run: str | os.PathLike | RunDir, command: str, config: dict[str, A
     if is_running(r):
         holder = (read_json(r.path(JOB_NAME), {}) or {}).get("label") or "another job"
         raise RunLockedError(f"run folder {r.root} is busy ({holder} is running); wait for it or stop it first")
-    if config:
-        write_config(r, config)
+    merged = write_config(r, config) if config else (r.read_run().get("config") or {})
     r.path("STOP").unlink(missing_ok=True)
+    if command == "run" and "--data" not in args and merged.get("data"):
+        args = ["--data", str(merged["data"]), *args]  # `cgd run` insists on --data even when run.json has it
     main = cgd_command(command, r, *args, python=python)
     argvs = [list(map(str, a)) for a in pre] + [main]
     # a small runner runs the steps in order and records a failing step's exit status in the run folder

@@ -66,6 +66,8 @@ def selected_indices(selection: dict | None) -> list[int]:
         cd = p.get("customdata") if isinstance(p, dict) else None
         if cd is None:
             continue
+        if isinstance(cd, dict):  # typed arrays come back from the browser as {"0": value, ...}
+            cd = [cd[k] for k in sorted(cd, key=lambda k: int(k) if str(k).isdigit() else 0)]
         v = cd[0] if isinstance(cd, (list, tuple)) else cd
         try:
             out.add(int(v))
@@ -90,7 +92,8 @@ def class_histogram(counts: np.ndarray, classes: Sequence[str], poisoned: np.nda
         fig.update_layout(barmode="stack")
     else:
         fig.add_bar(x=list(classes), y=counts, name="samples", marker_color=SUBSET_COLORS["clean"])
-    fig.update_layout(**_LAYOUT, title=_title(title), xaxis_title="class (given label)", yaxis_title="samples", height=320,
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=55, r=20, t=95 if poisoned is not None else 50, b=50)},
+                      title=_title(title), xaxis_title="class (given label)", yaxis_title="samples", height=340,
                       showlegend=poisoned is not None)
     return fig
 
@@ -276,7 +279,7 @@ def sweep_figure(rows: Sequence[dict], sigma1: float | None = None, title: str =
 # Retraining
 # ------------------------------------------------------------------------------------------------
 
-def metric_curves(rows: Sequence[dict], title: str = "Clean accuracy, attack success and robust accuracy"):
+def metric_curves(rows: Sequence[dict], title: str = "CA, ASR and RA per epoch"):
     """CA / ASR / RA (%) per retraining epoch from ``metrics.csv`` rows (epoch 0 = before repair)."""
     go = _go()
     fig = go.Figure()

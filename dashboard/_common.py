@@ -140,8 +140,9 @@ def display_path(p: str | os.PathLike) -> str:
     p = Path(p)
     for base, name in ((runs_root(), "runs"), (data_root(), "data"), (ROOT, ".")):
         try:
-            rel = p.resolve().relative_to(base)
-            return f"{name}/{rel.as_posix()}" if name != "." else rel.as_posix()
+            rel = p.resolve().relative_to(base).as_posix()
+            rel = "" if rel == "." else rel
+            return f"{name}/{rel}" if name != "." else (rel or ".")
         except ValueError:
             continue
     return str(p)
@@ -436,14 +437,29 @@ STATE_BADGE = {"idle": ("idle", "gray"), "starting": ("starting", "blue"), "runn
 
 
 def job_badge(run) -> None:
+    """The run's job state as a badge, refreshed every 2 s while a job is active."""
     from cgd import jobs
 
-    s = jobs.job_status(run)
-    text, color = STATE_BADGE.get(s.state, (s.state, "gray"))
-    st.badge(f"{s.command or 'job'}: {text}" if s.state != "idle" else "no job yet", color=color)
+    def body() -> None:
+        s = jobs.job_status(run)
+        text, color = STATE_BADGE.get(s.state, (s.state, "gray"))
+        st.badge(f"{s.command or 'job'}: {text}" if s.state != "idle" else "no job yet", color=color)
+
+    st.fragment(body, run_every=2.0 if jobs.job_status(run).active else None)()
 
 
 def _progress_text(s) -> str:
+    if s.state == "starting":  # the job has not reported yet (imports, or a setup step such as a reference)
+        parts = [s.stage or "starting"]
+        if s.started:
+            from datetime import datetime, timezone
+
+            try:
+                el = (datetime.now(timezone.utc) - datetime.fromisoformat(s.started)).total_seconds()
+                parts.append(f"{fmt_duration(el)} elapsed")
+            except ValueError:
+                pass
+        return " · ".join(parts)
     parts = [s.stage or s.state]
     if s.total:
         parts.append(f"{fmt_int(s.done)} / {fmt_int(s.total)} {s.unit or ''}".strip())

@@ -354,7 +354,7 @@ def test_viz_figures_carry_thresholds_and_indices(dash):
     assert xs == [0.8, 0.9] and ys == [0.1, 0.2]
     got = sorted(int(v[0]) for tr in fig.data for v in tr.customdata)
     assert got == list(range(100, 150))
-    sel = {"points": [{"customdata": [105]}, {"customdata": [101]}, {"x": 1}]}
+    sel = {"points": [{"customdata": [105]}, {"customdata": {"0": 101}}, {"x": 1}]}  # the browser sends both forms
     assert viz.selected_indices(sel) == [101, 105]
     big = viz.embedding_scatter(rng.random((viz.WEBGL_THRESHOLD + 1, 2)), np.arange(viz.WEBGL_THRESHOLD + 1),
                                 np.full(viz.WEBGL_THRESHOLD + 1, "clean"))

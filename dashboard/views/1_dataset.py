@@ -167,7 +167,7 @@ with st.expander("Sample images per class", expanded=True):
         row = viz.mosaic(viz.upscale(np.asarray(train.images[pick]), scale), cols=per)
         a, b = st.columns([1, 8], vertical_alignment="center")
         a.markdown(f"**{name}**  \n{c.fmt_int(len(idx))}")
-        b.image(row, clamp=True)
+        b.image(row, output_format="PNG")
 
 # ------------------------------------------------------------------------------------------------
 # Teaching mode: the attack simulator
@@ -228,13 +228,17 @@ if run_for_source is None:
             try:
                 clean, poisoned, diff = atk.preview(img)
             except Exception as e:  # noqa: BLE001 - attacks that optimise their trigger on the data first
-                st.info(f"No instant preview for {name}: {e}. Its trigger is made from the data when the run starts.")
+                if getattr(attacks.REGISTRY.get(name), "needs_data", False):
+                    st.info(f"No instant preview for {name}: it optimises its trigger on the clean data (a surrogate "
+                            "model), which happens in the background when the run starts.", icon=":material/hourglass:")
+                else:
+                    st.info(f"No preview for {name}: {e}")
             else:
                 scale = max(1, 160 // train.image_size[0])
                 p1, p2, p3, _ = st.columns([1, 1, 1, 2])
-                p1.image(viz.upscale(clean, scale), caption="clean")
-                p2.image(viz.upscale(poisoned, scale), caption=f"poisoned (labelled {train.classes[target]})")
-                p3.image(viz.upscale(diff, scale), caption="|difference|, stretched")
+                p1.image(viz.upscale(clean, scale), output_format="PNG", caption="clean")
+                p2.image(viz.upscale(poisoned, scale), output_format="PNG", caption=f"poisoned (labelled {train.classes[target]})")
+                p3.image(viz.upscale(diff, scale), output_format="PNG", caption="|difference|, stretched")
 
 # ------------------------------------------------------------------------------------------------
 # Create / select the run

@@ -233,7 +233,7 @@ with m1:
                         disabled=busy, help="Of the trained model to repair and of the suspicious models. small-cnn: seconds per epoch on a CPU.")
     model_path = None
     if victim_kind == "train":
-        train_epochs = st.number_input("Training epochs", 1, 500, int(8 if is_demo and cfg.get("train_epochs") == 20 else cfg.get("train_epochs", 20)),
+        train_epochs = st.number_input("Training epochs", 1, 500, int(6 if is_demo and cfg.get("train_epochs") == 20 else cfg.get("train_epochs", 20)),
                                        key="sc_train_epochs", disabled=busy)
     else:
         train_epochs = cfg.get("train_epochs", 20)
@@ -248,7 +248,7 @@ with m2:
         s1, s2 = st.columns(2)
         runs_n = s1.number_input("Suspicious models", 1, 10, int(2 if is_demo and cfg.get("suspicious_runs") == 3 else cfg.get("suspicious_runs", 3)),
                                  key="sc_susp_runs", disabled=busy, help="Their logits are averaged")
-        susp_epochs = s2.number_input("Epochs each", 1, 50, int(4 if is_demo and cfg.get("suspicious_epochs") == 5 else cfg.get("suspicious_epochs", 5)),
+        susp_epochs = s2.number_input("Epochs each", 1, 50, int(3 if is_demo and cfg.get("suspicious_epochs") == 5 else cfg.get("suspicious_epochs", 5)),
                                       key="sc_susp_epochs", disabled=busy)
     else:
         runs_n, susp_epochs = cfg.get("suspicious_runs", 3), cfg.get("suspicious_epochs", 5)
@@ -307,5 +307,15 @@ if stages:
     ds = info.get("dataset") or {}
     for n in ds.get("notes") or []:
         st.caption(f":material/info: {n}")
+    if run.has("clip_logits.npy") and not is_clip and not busy:
+        with c.guard("Reading the reference's accuracy"):
+            from cgd import viz
+
+            d = c.run_data(run)
+            zs = viz.zero_shot_table(run.load_array("clip_logits.npy"), d.train.true_labels(), d.train.classes)
+            with st.expander("Reference accuracy per class (on the training set, true labels)"):
+                st.dataframe(zs, hide_index=True, width="stretch", key="sc_zs",
+                             column_config={"zero-shot accuracy %": st.column_config.NumberColumn(
+                                 "accuracy %", format="%.1f", help=c.HELP["zero_shot"])})
     if run.has("scores.parquet"):
         st.page_link(c.PAGES["inspect"], label="Next: inspect the scores", icon=":material/arrow_forward:")

@@ -40,7 +40,9 @@ if has_gt:
     m[3].metric("Poisons caught", f"{caught:,} / {int(train.poison_mask.sum()):,}", help=c.HELP["tpr"])
 
 
-def hover_text(idx: np.ndarray) -> list[str]:
+def hover_text(idx: np.ndarray) -> list[str] | None:
+    if len(idx) > 20_000:  # keep the page light: hover shows index and ranks only
+        return None
     lab = df["label"].to_numpy()[idx]
     return [f"label {classes[l]}<br>{t}" for l, t in zip(lab, df["clip_top3"].to_numpy()[idx])]
 
@@ -58,7 +60,7 @@ def show_selection(sel: list[int], source: str) -> None:
     for j, i in enumerate(sel[:limit]):
         row = df.iloc[i]
         with cols[j % 6]:
-            st.image(viz.upscale(np.asarray(train.images[i]), scale), width="stretch")
+            st.image(viz.upscale(np.asarray(train.images[i]), scale), width="stretch", output_format="PNG")
             gt = (" · **poisoned**" if train.poison_mask[i] else " · clean") if has_gt else ""
             st.caption(f"**#{i}** {classes[int(row['label'])]} · {sub_names[i]}{gt}  \nCLIP: {row['clip_top3']}  \n"
                        f"ranks: CLIP {row['clip_rank']:.2f} · model {row['model_rank']:.2f}")
@@ -142,9 +144,9 @@ with tabs[4]:
         st.info("No suspect samples carry this label at the current thresholds.")
     else:
         scale = max(1, 192 // train.image_size[0])
-        a, b, d_ = st.columns(3)
-        a.image(viz.upscale(views["mean_suspect"], scale), caption=f"mean of {views['n_suspect']:,} suspect samples labelled {classes[t]}")
-        b.image(viz.upscale(views["mean_reference"], scale), caption=f"mean of {views['n_reference']:,} non-suspect samples")
-        d_.image(viz.upscale(views["difference"], scale), caption="|difference|, stretched")
+        a, b, d_, _ = st.columns([1, 1, 1, 0.5])
+        a.image(viz.upscale(views["mean_suspect"], scale), width=220, output_format="PNG", caption=f"mean of {views['n_suspect']:,} suspect samples labelled {classes[t]}")
+        b.image(viz.upscale(views["mean_reference"], scale), width=220, output_format="PNG", caption=f"mean of {views['n_reference']:,} non-suspect samples")
+        d_.image(viz.upscale(views["difference"], scale), width=220, output_format="PNG", caption="|difference|, stretched")
         st.caption("A trigger shared by the suspect samples (a patch, a blended pattern) shows up as a sharp, bright "
                    "structure in the difference image; natural class differences stay blurry.")
