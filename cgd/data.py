@@ -166,11 +166,11 @@ def cache_dir() -> Path:
     return d
 
 
-def _files_key(files: Sequence[Path], extra: str = "") -> str:
+def _files_key(files: Sequence[str | Path], extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     for f in files:
         try:
-            st = f.stat()
+            st = os.stat(f)
         except OSError as e:
             raise DatasetError(f"{f}: cannot read file ({e.strerror or e})") from None
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -229,11 +229,25 @@ def _cached_images(key: str, files: Sequence[Path], size: tuple[int, int] | None
     return x, dict(small)
 
 
-def _decode_one(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _pil():
+    """PIL's Image module. Its own decompression-bomb *warning* (above ~89 Mpx) is silenced: every
+    image is checked against :data:`MAX_IMAGE_PIXELS` (smaller) and refused with a clear error."""
+    import warnings
+
+    from PIL import Image
+
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def _decode_one(path: str | Path, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import UnidentifiedImageError
+
+    Image = _pil()
 
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             raise DatasetError(f"{path}: empty file (0 bytes), expected an image")
         with Image.open(path) as im:
             w, h = im.size
@@ -261,8 +275,8 @@ def _decode_one(path: Path, size: tuple[int, int] | None) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
+def _image_size(path: str | Path) -> tuple[int, int]:
+    Image = _pil()
 
     try:
         with Image.open(path) as im:
@@ -287,7 +301,7 @@ def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, wo
     """
     from .runs import NpyWriter
 
-    files = [Path(f) for f in files]
+    files = [os.fspath(f) for f in files]  # plain strings: a list of a million Paths alone takes ~400 MB
     if not files:
         return np.zeros((0, 1, 1, 3), np.uint8)
     if size is None:
@@ -307,7 +321,7 @@ def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, wo
     return np.load(out, mmap_mode="r", allow_pickle=False)
 
 
-def _decode_into(files: Sequence[Path], size: tuple[int, int], workers: int | None,
+def _decode_into(files: Sequence[str], size: tuple[int, int], workers: int | None,
                  sink: Callable[[int, np.ndarray], None]) -> None:
     """Decode ``files`` in chunks on a thread pool; ``sink(first_row, block)`` receives each chunk.
 
@@ -554,13 +568,14 @@ def _check_labels(y: np.ndarray, k: int, where: str, n: int) -> None:
 # ImageFolder
 # --------------------------------------------------------------------------------------------
 
-def _list_imagefolder(root: Path, on_bad: str = "skip") -> tuple[list[Path], list[int], list[str], int]:
+def _list_imagefolder(root: Path, on_bad: str = "skip") -> tuple[list[str], list[int], list[str], int]:
+    """Image files (as strings: compact for millions of files), labels, class names, non-image count."""
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (expected ROOT/<class>/<image files>)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise DatasetError(f"{root}: expected at least 2 class folders, found {len(classes)}")
-    files: list[Path] = []
+    files: list[str] = []
     labels: list[int] = []
     skipped = 0
     for i, c in enumerate(classes):
@@ -569,7 +584,7 @@ def _list_imagefolder(root: Path, on_bad: str = "skip") -> tuple[list[Path], lis
             if not f.is_file() or f.name.startswith("."):
                 continue
             if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
+                files.append(str(f))
                 labels.append(i)
             elif on_bad == "error":
                 raise DatasetError(f"{f}: not an image file (extensions accepted: {', '.join(IMAGE_EXTENSIONS)})")

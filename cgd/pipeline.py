@@ -322,7 +322,7 @@ def _train_cfg(cfg: RunConfig, epochs: int, lr: float, seed: int, schedule: str 
 
 def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     """The model to repair: the given checkpoint, or one trained on the (poisoned) data."""
-    from .models import build_model, load_checkpoint, save_checkpoint
+    from .models import build_model, save_checkpoint
     from .train import train_classifier
 
     cfg, run = ctx.cfg, ctx.run
@@ -333,8 +333,7 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     t0 = time.perf_counter()
     d = ctx.data
     if cfg.model:
-        model, meta = load_checkpoint(cfg.model, num_classes=d.train.num_classes, device="cpu")
-        _check_finite_weights(model, cfg.model)
+        model, meta = _load_model_to_repair(cfg.model, d.train.num_classes)
         arch, source = meta["arch"], {"checkpoint": str(cfg.model)}
     else:
         import torch
@@ -350,6 +349,20 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     save_checkpoint(model, run.path("models", "victim.safetensors"), arch, d.train.classes, source=source)
     run.mark_stage("victim", key, time.perf_counter() - t0, arch=arch, **source)
     return key
+
+
+def _load_model_to_repair(path: str, num_classes: int):
+    """load_checkpoint, with any failure reported as a CheckpointError naming the file; NaN weights refused."""
+    from .models import CheckpointError, load_checkpoint
+
+    try:
+        model, meta = load_checkpoint(path, num_classes=num_classes, device="cpu")
+    except (CheckpointError, OSError):
+        raise
+    except Exception as e:  # e.g. safetensors' own error for a file that is not one
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {e})") from None
+    _check_finite_weights(model, path)
+    return model, meta
 
 
 def _check_finite_weights(model, path: str) -> None:
