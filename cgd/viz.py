@@ -22,6 +22,7 @@ __all__ = [
 SUBSET_COLORS = {"clean": "#0F766E", "suspect": "#DC2626", "unused": "#94A3B8"}
 TRUTH_COLORS = {"clean": "#2563EB", "poisoned": "#DC2626"}
 METRIC_COLORS = {"ca": "#0F766E", "asr": "#DC2626", "ra": "#7C3AED", "loss": "#334155"}
+_ANN = dict(bgcolor="rgba(255,255,255,0.85)", font=dict(size=11, color="#0F172A"))  # threshold labels over dense points
 WEBGL_THRESHOLD = 5000  # points above which scatters switch to WebGL (go.Scattergl)
 _LAYOUT = dict(template="plotly_white", margin=dict(l=55, r=20, t=95, b=50), font=dict(size=13),
                legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0))
@@ -185,10 +186,10 @@ def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray
                          hovertemplate="sample %{customdata[0]}<br>CLIP rank %{x:.3f}<br>model rank %{y:.3f}"
                                        + ("<br>%{text}" if text is not None else "") + f"<extra>{g}</extra>"))
     for v, col, dash, lab in ((1 - sigma1, SUBSET_COLORS["clean"], "dash", "1−σ1"), (1 - sigma2, SUBSET_COLORS["suspect"], "dot", "1−σ2")):
-        fig.add_vline(x=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}",
+        fig.add_vline(x=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}", annotation=_ANN,
                       annotation_position="top left" if col == SUBSET_COLORS["clean"] else "top right")
     for v, col, dash, lab in ((sigma1, SUBSET_COLORS["clean"], "dash", "σ1"), (sigma2, SUBSET_COLORS["suspect"], "dot", "σ2")):
-        fig.add_hline(y=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}",
+        fig.add_hline(y=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}", annotation=_ANN,
                       annotation_position="bottom left" if col == SUBSET_COLORS["suspect"] else "top left")
     fig.update_layout(**_LAYOUT, title=_title(title), height=520, dragmode="lasso",
                       xaxis=dict(title="CLIP rank (high = CLIP disagrees with the label)", range=[-0.02, 1.02]),
@@ -229,8 +230,8 @@ def embedding_scatter(xy: np.ndarray, index: np.ndarray, color: np.ndarray, cont
                              marker=dict(size=size, color=pal[g], opacity=0.75, line=dict(width=0)),
                              hovertemplate=ht + f"<extra>{g}</extra>"))
     fig.update_layout(**_LAYOUT, title=_title(title), height=520, dragmode="lasso",
-                      xaxis=dict(showticklabels=False, title="", zeroline=False),
-                      yaxis=dict(showticklabels=False, title="", zeroline=False))
+                      xaxis=dict(showticklabels=False, title="", zeroline=False, showgrid=False),
+                      yaxis=dict(showticklabels=False, title="", zeroline=False, showgrid=False))
     return fig
 
 
@@ -267,7 +268,8 @@ def sweep_figure(rows: Sequence[dict], sigma1: float | None = None, title: str =
                                  line=dict(color="#7C3AED", dash="dash", width=2)), secondary_y=True)
         fig.add_trace(go.Scatter(x=s, y=[100 * r["suspect_fpr"] for r in rows], mode="lines", name="suspect FPR %",
                                  line=dict(color="#F59E0B", dash="dash", width=2)), secondary_y=True)
-        fig.update_yaxes(title_text="rate (%)", range=[0, 101], secondary_y=True)
+        fig.update_yaxes(title_text="rate (%)", range=[0, 101], tickmode="linear", tick0=0, dtick=20, showgrid=False,
+                         secondary_y=True)
     if sigma1 is not None:
         fig.add_vline(x=sigma1, line=dict(color="#0F172A", dash="dot"), annotation_text=f"σ1 = {sigma1:.2f}")
     fig.update_layout(**_LAYOUT, title=_title(title), height=380, xaxis_title="σ1")

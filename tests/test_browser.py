@@ -192,7 +192,9 @@ def test_demo_walkthrough(server, page):
         for fx, fy in ((0.98, 0.98), (0.98, 0.75), (0.02, 0.75), (0.02, 0.99)):
             pg.mouse.move(x0 + w * fx, y0 + h * fy, steps=8)
         pg.mouse.up()
+        wait_text(pg, "selected", 60)  # the thumbnail grid of the selection
         settle(pg)
+        no_exception(pg)
     shot(pg, "3_inspect_entropy_map")
     pg.get_by_role("tab", name="UMAP").click()
     settle(pg)
