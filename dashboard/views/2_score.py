@@ -5,12 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 import _common as c
-from cgd import jobs
 
 st.title("Score")
 run = c.require_run(what="scoring")
