@@ -41,6 +41,7 @@ __all__ = [
     "decode_images",
     "iter_row_chunks",
     "release_pages",
+    "take_rows",
     "DATASET_KINDS",
     "IMAGE_EXTENSIONS",
     "cache_dir",
@@ -134,11 +135,13 @@ class ImageSet:
         return h.hexdigest()[:16]
 
     def subset(self, idx: np.ndarray | Sequence[int], name: str | None = None) -> "ImageSet":
-        """Rows ``idx`` (any integer index array, order kept) as a new ImageSet."""
+        """Rows ``idx`` (any integer index array, order kept) as a new ImageSet.
+
+        A large subset of memory-mapped images stays on disk (see :func:`take_rows`)."""
         idx = np.asarray(idx, dtype=np.int64)
         return replace(
             self,
-            images=self.images[idx],
+            images=take_rows(self.images, idx),
             labels=self.labels[idx],
             poison_mask=None if self.poison_mask is None else self.poison_mask[idx],
             original_labels=None if self.original_labels is None else self.original_labels[idx],
@@ -191,6 +194,38 @@ def _cached(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, n
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return arrays
+
+
+SPILL_BYTES = 64 << 20  # take_rows: larger selections from a memory map go to a temp file, not memory
+
+
+def take_rows(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``arr[idx]`` along the first axis.
+
+    From a memory map, a selection of more than :data:`SPILL_BYTES` is gathered chunk by chunk
+    into an unlinked temp file in :func:`cache_dir` and returned memory-mapped read-only: the file
+    has no name from the start, so it disappears with the last reference (or a killed process) and
+    never needs cleaning up. Anything else is plain fancy indexing.
+    """
+    import tempfile
+
+    idx = np.asarray(idx, dtype=np.int64)
+    row_bytes = arr.nbytes // len(arr) if len(arr) else 0
+    if getattr(arr, "_mmap", None) is None or len(idx) * row_bytes <= SPILL_BYTES:
+        return arr[idx]
+    fd, name = tempfile.mkstemp(prefix=".rows-", suffix=".tmp", dir=cache_dir())
+    os.unlink(name)
+    with os.fdopen(fd, "w+b") as f:
+        f.truncate(len(idx) * row_bytes)
+        step = max(1, (32 << 20) // row_bytes)
+        for lo in range(0, len(idx), step):
+            block = np.ascontiguousarray(arr[idx[lo:lo + step]])
+            view, pos = memoryview(block).cast("B"), lo * row_bytes
+            while len(view):
+                k = os.pwrite(fd, view, pos)
+                view, pos = view[k:], pos + k
+            release_pages(arr)
+        return np.memmap(f, dtype=arr.dtype, mode="r", shape=(len(idx),) + arr.shape[1:])
 
 
 def _cached_images(key: str, files: Sequence[Path], size: tuple[int, int] | None,

@@ -107,6 +107,29 @@ def test_loader_returns_memmap_equal_to_in_memory_decode(tmp_path, monkeypatch):
     assert RunDir(tmp_path / "run").read_run()["dataset"]["fingerprint"] == train.fingerprint()
 
 
+def test_large_subsets_of_a_memmap_stay_on_disk(tmp_path, monkeypatch):
+    """A root without train/ and test/: the held-out split and the rest are gathered into unlinked
+    temp files, not memory, and the run holds exactly the rows the in-memory path would."""
+    import cgd.data as data
+
+    monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SPILL_BYTES", 256 * 768)  # small here; 64 MiB by default
+    root = shared_imagefolder() / "train"
+    full, _ = load_splits(f"imagefolder:{root}")
+    idx = np.random.default_rng(0).permutation(len(full))[:3000]
+    sub = full.subset(idx)
+    assert isinstance(sub.images, np.memmap) and sub.images.filename is None
+    np.testing.assert_array_equal(np.asarray(sub.images), np.asarray(full.images)[idx])
+    assert isinstance(full.subset(idx[:200]).images, np.memmap) is False  # small: plain indexing
+    run_pipeline(RunConfig(data=f"imagefolder:{root}", out=str(tmp_path / "run"), device="cpu", subset=5000),
+                 stages=("data",), progress_bars=False)
+    d = load_run_data(RunDir(tmp_path / "run"))
+    assert len(d.train) == 5000 and len(d.test) == 1000  # holdout 10 %, then --subset
+    np.testing.assert_array_equal(np.asarray(d.train.images), np.asarray(full.images)[d.source_index])
+    np.testing.assert_array_equal(d.train.labels, full.labels[d.source_index])
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # nothing named left
+
+
 def test_scoring_streams_and_equals_in_memory_path(tiny_clip, tmp_path, monkeypatch):
     """data + reference on a memory-mapped set == the reference scoring the whole set in memory."""
     import torch
@@ -241,6 +264,6 @@ def test_scoring_200k_images_in_bounded_memory(tmp_path):
     lg = run.load_array("clip_logits.npy", mmap=True)
     assert lg.shape == (n, 10) and np.isfinite(lg[::997]).all()
     assert run.load_array("data/train_x.npy", mmap=True).shape == (n, size, size, 3)
-    # an in-memory load alone would grow by the whole decoded set (the old path held 2-3 copies)
-    assert grew < raw / 3, m
-    assert m["hwm"] < raw + m["base"] / 2, m
+    # an in-memory load alone would grow by the whole decoded set (the old path held 2-3 copies);
+    # measured: 85 MiB of growth for the 586 MiB set (file names, reference model, one chunk)
+    assert grew < raw / 4, m
