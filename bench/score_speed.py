@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                    help="images for the (slow) reference pattern (default: n; its rate is per image)")
     p.add_argument("--spearman", action="store_true",
                    help="also score the images in fp32 and bf16 with cgd and report the Spearman correlation of the label NLL")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile cgd's image tower (auto: ClipReference's rule, on for CPU jobs >= 4096 images); "
+                        "compile time is excluded from the rates and reported")
     p.add_argument("--templates", type=int, default=1, help="prompt templates per class (text side is not timed)")
     a = p.parse_args(argv)
     if a.n is None:
@@ -108,7 +112,8 @@ def main(argv=None) -> dict:
     say(f"score_speed: {args.model} on {dev} ({prec}), {data_desc}, cgd batch {bs}")
     torch.manual_seed(args.seed)
     cgd_ref = ClipReference(args.model, classes, templates, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                            device=dev, precision=prec, batch_size=bs)
+                            device=dev, precision=prec, batch_size=bs,
+                            compile={"auto": None, "on": True, "off": False}[args.compile])
     # the baseline's model: the same weights (same file, or the same seeded random init), fp32
     torch.manual_seed(args.seed)
     base = open_clip.create_model(args.model, pretrained=args.checkpoint or args.pretrained, device="cpu", weights_only=True)
@@ -120,15 +125,17 @@ def main(argv=None) -> dict:
     # ceiling input: pre-resized, pre-normalised, on the device, in cgd's dtype
     fb = cgd_ref.forward_batch_size
     n_ceil = min(args.n, max(fb, 2048 if dev.type == "cuda" else 256))
+    n_ceil = n_ceil // fb * fb if n_ceil >= fb else n_ceil  # whole batches (a compiled graph has one size)
     pre = torch.cat([gpu_preprocess(torch.from_numpy(images[i:i + fb]).permute(0, 3, 1, 2).to(dev), size, mean, std,
                                     cgd_ref.interpolation, cgd_ref.dtype) for i in range(0, n_ceil, fb)])
     if cgd_ref.channels_last:
         pre = pre.contiguous(memory_format=torch.channels_last)
 
-    def ceiling():
+    def ceiling():  # the same encoder cgd uses (compiled when cgd compiles)
+        enc = cgd_ref._encoder(len(images))
         with torch.inference_mode():
             for i in range(0, n_ceil, fb):
-                cgd_ref.model.encode_image(pre[i:i + fb])
+                enc(pre[i:i + fb])
 
     def run_ref():
         return reference_pattern(base, cgd_ref.text_classifier, cgd_ref.logit_scale, imgs_pm1, size, mean, std, dev,
@@ -140,13 +147,24 @@ def main(argv=None) -> dict:
     # warm-up (allocator, oneDNN kernels, cuDNN autotune) on a few images
     with torch.inference_mode():
         cgd_ref.model.encode_image(pre[:fb])
+    t_c = time.perf_counter()
+    cgd_ref._encoder(len(images))  # builds the compiled graph now when cgd would compile for this job
+    compile_s = time.perf_counter() - t_c
+    compiled = cgd_ref._compiled not in (None, False)
     cgd_ref.score(images[:min(len(images), fb)])
     reference_pattern(base, cgd_ref.text_classifier, cgd_ref.logit_scale, imgs_pm1[:min(ref_n, 8)], size, mean, std, dev, 8)
 
     # FLOPs of the image tower per image (one forward in cgd's precision)
+    # (the fused attention fast path of nn.MultiheadAttention is invisible to the counter: count
+    # the same maths on the unfused path)
     k = min(2, n_ceil)
-    with torch.inference_mode():
-        flops_img = common.count_flops(lambda: cgd_ref.model.encode_image(pre[:k])) / k
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            flops_img = common.count_flops(lambda: cgd_ref.model.encode_image(pre[:k])) / k
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
     res = common.interleaved({"reference": (run_ref, ref_n), "cgd": (run_cgd, args.n), "ceiling": (ceiling, n_ceil)},
                              dev, args.repeats, log=say)
@@ -163,7 +181,7 @@ def main(argv=None) -> dict:
     spear_ref = common.spearman(label_nll(lg_ref, labels[:check_n]), label_nll(lg_cgd, labels[:check_n])) if check_n > 2 else float("nan")
 
     out = {"model": args.model, "precision": prec, "device": str(dev), "data": data_desc, "n": args.n, "ref_n": ref_n,
-           "cgd_batch_size": bs, "cgd_forward_batch": fb, "ref_batch_size": args.ref_batch_size,
+           "cgd_batch_size": bs, "cgd_forward_batch": fb, "compiled": compiled, "compile_seconds": compile_s, "ref_batch_size": args.ref_batch_size,
            "gflop_per_image": flops_img / 1e9, "results": res, "speedup_vs_reference": r_cgd_ref,
            "ceiling_fraction": r_cgd_ceil, "top1_agreement_vs_reference": agree,
            "spearman_nll_vs_reference": spear_ref}
@@ -178,7 +196,8 @@ def main(argv=None) -> dict:
         out["spearman_bf16_fp32"] = common.spearman(nll["fp32"], nll["bf16"])
 
     rows = [("reference pattern", f"{res['reference']['images_per_s']:9.1f} img/s  {res['reference']['tflops']:.3f} TFLOP/s  (fp32, batch {args.ref_batch_size})"),
-            ("cgd", f"{res['cgd']['images_per_s']:9.1f} img/s  {res['cgd']['tflops']:.3f} TFLOP/s  ({prec}, batch {bs}, forward {fb})"),
+            ("cgd", f"{res['cgd']['images_per_s']:9.1f} img/s  {res['cgd']['tflops']:.3f} TFLOP/s  ({prec}, batch {bs}, forward {fb}"
+                    + (f", compiled in {compile_s:.0f} s)" if compiled else ", eager)")),
             ("bare-model ceiling", f"{res['ceiling']['images_per_s']:9.1f} img/s  {res['ceiling']['tflops']:.3f} TFLOP/s"),
             ("speed-up vs reference", f"{r_cgd_ref:.2f}x (median of per-round ratios)"),
             ("fraction of ceiling", f"{r_cgd_ceil:.2f}"),

@@ -13,6 +13,7 @@ centre crop) and normalisation (the model's mean/std) run there, in bf16 where c
 from __future__ import annotations
 
 import difflib
+import os
 import time
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -152,7 +153,12 @@ class ClipReference:
     device, precision : ``"auto"`` picks CUDA / bf16 where available. bf16 casts the weights.
     batch_size : images per forward pass on a GPU. On a CPU the forward pass runs in micro-batches
         of at most :attr:`cpu_forward_batch` (64) images whatever ``batch_size`` says: a ViT's
-        activations for 64 images stay in the caches, and 256 runs ~2-3x slower per image.
+        activations for 32-64 images stay in the caches; 128-256 run ~25% slower per image.
+    compile : compile the image tower with ``torch.compile`` (inductor, weights frozen as
+        constants: fused epilogues, prepacked oneDNN weights; ~10% faster on a CPU, ~10-30 s to
+        compile). ``None`` (default): the ``CGD_COMPILE`` environment variable (``1``/``0``) if set,
+        else on for CPU jobs of at least :attr:`compile_min_images` images in one ``score`` call.
+        Any compile failure falls back to eager mode with a warning.
 
     Speed notes: images move to the device as uint8 and are resized/normalised there by
     :func:`gpu_preprocess` (two small matrix products); the forward pass runs under
@@ -162,11 +168,16 @@ class ClipReference:
     """
 
     cpu_forward_batch = 64
+    compile_min_images = 4096
 
     def __init__(self, model_name: str, classnames: Sequence[str], templates: Sequence[str],
                  pretrained: str | None = None, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 256):
+                 device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 256,
+                 compile: bool | None = None):
         import open_clip
+
+        self.compile = compile
+        self._compiled = None  # the compiled encode_image, once built
 
         self.model_name = model_name
         self.pretrained = pretrained
@@ -217,6 +228,36 @@ class ClipReference:
         if self.channels_last:
             self.model.visual.to(memory_format=torch.channels_last)
 
+    def _want_compile(self, n: int) -> bool:
+        if self._compiled is False:  # tried and failed
+            return False
+        if self.compile is not None:
+            return bool(self.compile)
+        env = os.environ.get("CGD_COMPILE")
+        if env is not None:
+            return env.strip().lower() in ("1", "true", "yes", "on")
+        return self.device.type == "cpu" and n >= self.compile_min_images
+
+    def _encoder(self, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """encode_image, compiled when :meth:`_want_compile` says so (built once, then reused)."""
+        if not self._want_compile(n):
+            return self.model.encode_image
+        if self._compiled is None:
+            try:
+                fn = torch.compile(self.model.encode_image, dynamic=False, options={"freezing": True})
+                with torch.inference_mode():  # compile now, on a full-size batch, so a failure shows here
+                    x = torch.zeros((self.forward_batch_size, 3, *self.input_size), dtype=self.dtype, device=self.device)
+                    fn(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+                self._compiled = fn
+            except Exception as e:  # no C++ compiler, unsupported op, ...: eager is always correct
+                import warnings
+
+                warnings.warn(f"torch.compile of {self.model_name} failed, scoring in eager mode "
+                              f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})", RuntimeWarning)
+                self._compiled = False
+                return self.model.encode_image
+        return self._compiled
+
     @property
     def forward_batch_size(self) -> int:
         """Images per forward pass on this device (see the class docstring)."""
@@ -231,12 +272,12 @@ class ClipReference:
                 "logit_scale": self.logit_scale}
 
     @torch.no_grad()
-    def encode_images(self, x_u8: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, x_u8: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 3, h, w) uint8 on the device -> (B, D) float32 L2-normalised embeddings."""
         x = gpu_preprocess(x_u8, self.input_size, self.mean, self.std, self.interpolation, self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        return F.normalize((encoder or self.model.encode_image)(x).float(), dim=-1)
 
     def score(self, images: np.ndarray, progress: ProgressFn | None = None) -> ReferenceScores:
         """Zero-shot logits (N, K) and embeddings (N, D) for (N, H, W, 3) uint8 images."""
@@ -250,13 +291,18 @@ class ClipReference:
         # results stay on the device until the end: no per-batch device->host synchronisation
         em = torch.empty((hi - lo, d), dtype=torch.float32, device=self.device)
         step = self.forward_batch_size
+        encoder = self._encoder(hi - lo)
+        compiled = encoder is not self.model.encode_image
         with torch.inference_mode():
             for i in range(lo, hi, step):
                 j = min(i + step, hi)
                 xb = torch.from_numpy(np.ascontiguousarray(images[i:j]))
                 if xb.ndim != 4 or xb.shape[-1] != 3 or xb.dtype != torch.uint8:
                     raise ValueError(f"expected (N, H, W, 3) uint8 images, got {tuple(xb.shape)} {xb.dtype}")
-                em[i - lo:j - lo] = self.encode_images(xb.to(self.device, non_blocking=True).permute(0, 3, 1, 2))
+                if compiled and j - i < step:  # a compiled graph has one batch size: pad the last batch
+                    xb = torch.cat([xb, xb.new_zeros((step - (j - i), *xb.shape[1:]))])
+                e = self.encode_images(xb.to(self.device, non_blocking=True).permute(0, 3, 1, 2), encoder)
+                em[i - lo:j - lo] = e[:j - i]
                 if progress is not None:
                     progress((j - lo) * n // max(hi - lo, 1) if dist else j, n)  # this rank's share, scaled
             lg = (self.logit_scale * em @ self.text_classifier).cpu().numpy()
