@@ -231,6 +231,8 @@ class ClipReference:
     def _want_compile(self, n: int) -> bool:
         if self._compiled is False:  # tried and failed
             return False
+        if self._compiled is not None and self.compile is not False:  # built already: keep using it
+            return True
         if self.compile is not None:
             return bool(self.compile)
         env = os.environ.get("CGD_COMPILE")
