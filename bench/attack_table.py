@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-COLUMNS = ["attack", "category", "n_poisoned", "n_noise", "psnr", "ca", "asr", "ra", "ca_clean", "d_ca", "asr_goal",
+COLUMNS = ["attack", "category", "n_poisoned", "n_noise", "psnr", "ca", "asr", "ra", "ca_clean", "ca_clean_sd", "d_ca", "asr_goal",
            "goal_met", "n_bd", "poison_s", "train_s", "params"]
 
 
@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attacks", default="all", help=f"comma-separated names or 'all' ({','.join(attacks.available())})")
     p.add_argument("--rate", type=float, default=0.1, help="poison rate")
     p.add_argument("--target", type=int, default=0, help="target class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data subset, the poison selection and the victim's training")
+    p.add_argument("--clean-seeds", type=int, default=1,
+                   help="train the clean reference with this many training seeds (seed, seed+1, ...) on the same data; "
+                        "CA clean is their mean, its spread is reported (victims differ from run to run by a few points)")
     p.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                    help="override an attack parameter, e.g. wanet.s=1.0 (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -112,11 +115,11 @@ def write_tables(rows: list[dict], out: Path, key: str, header: str) -> tuple[Pa
         for r in rows:
             w.writerow({c: r.get(c, "") for c in COLUMNS})
     os.replace(tmp, csv_path)
-    lines = [header, "", "| attack | category | poisoned | PSNR dB | CA | ASR | RA | CA clean | dCA | goal |",
+    lines = [header, "", "| attack | category | poisoned | PSNR dB | CA | ASR | RA | CA clean (sd) | dCA | goal |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['attack']} | {r['category']} | {r['n_poisoned']} | {float(r.get('psnr') or 'nan'):.1f} | {float(r['ca']):.2f} | {float(r['asr']):.2f} | "
-                     f"{float(r['ra']):.2f} | {float(r['ca_clean']):.2f} | {float(r['d_ca']):+.2f} | "
+                     f"{float(r['ra']):.2f} | {float(r['ca_clean']):.2f} ({float(r.get('ca_clean_sd') or 0):.2f}) | {float(r['d_ca']):+.2f} | "
                      f"{'yes' if str(r['goal_met']) == 'True' else 'no'} (ASR>={r['asr_goal']}) |")
     tmp = md_path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -153,16 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     print(header, flush=True)
 
     clean_json = out / f"clean-{key}.json"
-    if clean_json.is_file():
-        clean = json.loads(clean_json.read_text())
-        print(f"clean reference (cached {clean_json.name}): CA {clean['ca']:.2f} ({clean['train_s']:.0f} s)", flush=True)
-    else:
+    clean = json.loads(clean_json.read_text()) if clean_json.is_file() else {"runs": {}}
+    clean.setdefault("runs", {})
+    if "ca" in clean and not clean["runs"]:  # an older single-run file
+        clean["runs"][str(args.seed)] = {"ca": clean["ca"], "train_s": clean.get("train_s", 0.0)}
+    for s in range(args.seed, args.seed + max(1, args.clean_seeds)):
+        if str(s) in clean["runs"]:
+            continue
         t0 = time.perf_counter()
-        model = train_victim(train.images, train.labels, train.num_classes, args.epochs, args.seed)
-        clean = {"ca": evaluate_model(model, test.images, test.labels)["ca"], "train_s": time.perf_counter() - t0}
+        model = train_victim(train.images, train.labels, train.num_classes, args.epochs, s)
+        clean["runs"][str(s)] = {"ca": evaluate_model(model, test.images, test.labels)["ca"], "train_s": time.perf_counter() - t0}
+        print(f"clean reference, training seed {s}: CA {clean['runs'][str(s)]['ca']:.2f} "
+              f"({clean['runs'][str(s)]['train_s']:.0f} s)", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         clean_json.write_text(json.dumps(clean))
-        print(f"clean reference: CA {clean['ca']:.2f} ({clean['train_s']:.0f} s)", flush=True)
+    cas = [clean["runs"][str(s)]["ca"] for s in range(args.seed, args.seed + max(1, args.clean_seeds))]
+    clean["ca"], clean["sd"] = float(np.mean(cas)), float(np.std(cas))
+    print(f"clean reference: CA {clean['ca']:.2f} +- {clean['sd']:.2f} over training seeds {list(range(args.seed, args.seed + len(cas)))}",
+          flush=True)
 
     csv_path = out / f"attack_table-{key}.csv"
     rows = {r["attack"]: r for r in read_rows(csv_path)}
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                "n_noise": int(poisoned.meta["attack"].get("n_noise", 0)),
                "psnr": round(psnr(poisoned.images[poisoned.poison_mask], train.images[poisoned.poison_mask]), 2),
                "ca": round(m["ca"], 2),
-               "asr": round(m["asr"], 2), "ra": round(m["ra"], 2), "ca_clean": round(clean["ca"], 2),
+               "asr": round(m["asr"], 2), "ra": round(m["ra"], 2), "ca_clean": round(clean["ca"], 2), "ca_clean_sd": round(clean["sd"], 2),
                "d_ca": round(m["ca"] - clean["ca"], 2), "asr_goal": goal,
                "goal_met": bool(m["asr"] >= goal and m["ca"] >= clean["ca"] - 2.0), "n_bd": len(bd),
                "poison_s": round(poison_s, 1), "train_s": round(train_s, 1), "params": json.dumps(atk.params)}

@@ -36,8 +36,10 @@ class LowFrequency(SurrogateMixin, Attack):
     projected by a Fourier low-pass keeping |f| <= ``cutoff`` cycles per image in each axis and
     rescaled so max|delta| <= ``eps`` (pixel units; rescaling keeps it low-pass, unlike clipping).
 
-    Defaults: eps 12, cutoff 4, 300 steps; surrogate: small-cnn (width 32), 4 epochs on <= 10,000
-    samples. Differs from the paper: the clean model is a small CNN trained here on the given data,
+    Defaults: eps 32, cutoff 4, 300 steps; surrogate: small-cnn (width 32), 4 epochs on <= 10,000
+    samples. eps is the peak of a smooth pattern (mean PSNR of poisoned CIFAR-10 images about 27 dB);
+    with eps 12 / 20 / 24 a small-CNN victim (10k images, 6 epochs) reached only 34 / 61 / 90 % ASR,
+    with 32 99 %. Differs from the paper: the clean model is a small CNN trained here on the given data,
     and the low-pass filter is an ideal square Fourier window (the paper uses a Gaussian / ideal
     low-pass filter on a pretrained model's UAP). all-to-all is not defined (the UAP is targeted).
     """
@@ -47,7 +49,7 @@ class LowFrequency(SurrogateMixin, Attack):
     paper = "Zeng et al., Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective, ICCV 2021"
     supports_all_to_all = False
     needs_data = True
-    defaults = {"eps": 12.0, "cutoff": 4, "steps": 300, "lr": 0.01, **SurrogateMixin.SURROGATE_DEFAULTS}
+    defaults = {"eps": 32.0, "cutoff": 4, "steps": 300, "lr": 0.01, **SurrogateMixin.SURROGATE_DEFAULTS}
 
     def validate(self) -> None:
         self._num("eps", 0, 255, lo_open=True)
