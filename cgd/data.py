@@ -314,8 +314,12 @@ def _image_size(path: str | Path) -> tuple[int, int]:
     Image = _pil()
 
     try:
+        if os.stat(path).st_size == 0:
+            raise DatasetError(f"{path}: empty file (0 bytes), expected an image")
         with Image.open(path) as im:
             return im.size[1], im.size[0]
+    except DatasetError:
+        raise
     except Exception as e:
         raise DatasetError(f"{path}: cannot read image header ({e})") from None
 

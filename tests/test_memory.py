@@ -138,7 +138,7 @@ def test_scoring_streams_and_equals_in_memory_path(tiny_clip, tmp_path, monkeypa
     from cgd.reference import make_reference
 
     monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))
-    root = make_imagefolder(tmp_path / "f", 1_000, 100, 16)
+    root = make_imagefolder(tmp_path / "f", 600, 100, 16)
     cfg = RunConfig(data=f"imagefolder:{root}", out=str(tmp_path / "run"), reference=f"clip:{tiny_clip}", clip_config=TINY,
                     pretrained="none", device="cpu", precision="fp32", chunk_size=256, score_batch_size=64)
     info = run_pipeline(cfg, stages=("data", "reference"), progress_bars=False)

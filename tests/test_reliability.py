@@ -122,7 +122,7 @@ def _truncated(kind: str):
 BAD_IMAGES = {
     "truncated-jpeg": (_truncated("jpg"), "cannot decode image"),
     "truncated-png": (_truncated("png"), "cannot decode image"),
-    "zero-bytes": (lambda f: (f.with_suffix(".jpg").write_bytes(b""), f.with_suffix(".jpg"))[1], "bad.jpg"),
+    "zero-bytes": (lambda f: (f.with_suffix(".jpg").write_bytes(b""), f.with_suffix(".jpg"))[1], "empty file (0 bytes)"),
     "one-pixel": (lambda f: _img(f.with_suffix(".png"), np.zeros((1, 1, 3), np.uint8)), "1x1 pixels is too small"),
     "oversize": (lambda f: (f.with_suffix(".png").write_bytes(_png_header_only(10000, 10000)), f.with_suffix(".png"))[1],
                  "10000x10000 pixels exceeds the limit"),
