@@ -150,3 +150,17 @@ def test_compiled_scoring_matches_eager(tiny_clip):
     assert b.logits.shape == (21, 3)
     np.testing.assert_allclose(b.logits, a.logits, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-3, atol=1e-4)
+
+
+def test_cpu_allocator_tuning_is_applied_once_and_can_be_turned_off(monkeypatch):
+    import sys
+
+    import cgd.device as d
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc mallopt only")
+    d.resolve_device("cpu")
+    assert d.tune_cpu_allocator() is True  # applied by resolve_device, idempotent afterwards
+    monkeypatch.setattr(d, "_ALLOCATOR_TUNED", None)
+    monkeypatch.setenv("CGD_MALLOC_TUNE", "0")
+    assert d.tune_cpu_allocator() is False
