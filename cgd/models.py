@@ -175,8 +175,11 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            md = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata() or {}
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         if "arch" in md:
             return {"arch": md["arch"], "num_classes": int(md.get("num_classes", 0))}
     return {}

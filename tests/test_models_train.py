@@ -50,6 +50,13 @@ def test_checkpoint_errors(tmp_path):
     torch.save(build_model("preact-resnet18", 4).state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not fit small-cnn"):
         load_checkpoint(tmp_path / "other.pt", arch="small-cnn", num_classes=4)
+    # garbage bytes under a .safetensors name, no sidecar: named, not a library traceback
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    with pytest.raises(CheckpointError, match="junk.safetensors: not a readable safetensors file"):
+        read_checkpoint_meta(junk)
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_checkpoint(junk, arch="small-cnn", num_classes=4)
 
 
 def test_malicious_pickle_checkpoint_refused(tmp_path):
