@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("run", "the whole pipeline"), ("score", "reference and suspicious-model scores"),
                         ("separate", "split into clean / suspect / unused"), ("retrain", "CLIP-guided retraining")):
         sp = sub.add_parser(name, help=help_)
-        _add_run_flags(sp, required=(name == "run"))
+        _add_run_flags(sp, required=False)
     a = sub.add_parser("attack", help="poison a clean dataset (keeps the ground-truth mask)")
     a.add_argument("--list", action="store_true", help="list every attack with its category and defaults")
     a.add_argument("--data")

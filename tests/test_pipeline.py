@@ -96,6 +96,14 @@ def test_rerun_reuses_finished_stages_and_threshold_change_reruns_only_later(sma
     assert after["separate"]["key"] != before["separate"]["key"]
     sep = json.loads((small_run / "separation.json").read_text())
     assert sep["config"]["sigma1"] == 0.3
+    # `cgd run --out RUN` alone resumes with the recorded configuration (the new thresholds included):
+    # everything up to the separation is reused, retraining follows the new split
+    assert main(["run", "--out", str(small_run), "--quiet"]) == 0
+    again = RunDir(small_run).read_run()["stages"]
+    for st in ("data", "reference", "suspicious", "victim", "separate"):
+        assert again[st]["finished"] == after[st]["finished"], st
+    assert again["retrain"]["key"] != before["retrain"]["key"]
+    assert json.loads((small_run / "separation.json").read_text())["config"]["sigma1"] == 0.3
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -103,6 +111,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown kind 'nosuch'" in capsys.readouterr().err
     assert main(["run", "--data", f"imagefolder:{tmp_path / 'missing'}", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--data is required"):
+        main(["run", "--out", str(tmp_path / "fresh"), "--quiet"])
 
 
 def test_python_m_cgd_subprocess(tmp_path):
