@@ -376,6 +376,105 @@ def scores(run, rank_mode: str = "global"):
     return _scores(str(run.root), rank_mode, _mtime(run, "clip_logits.npy", "model_logits.npy", "data/train_y.npy"))
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _trigger_views(root: str, key: tuple, suspect_digest: str, target: int, _images, _labels, _suspect) -> dict:
+    from cgd import viz
+
+    return viz.trigger_views(_images, _labels, _suspect, target)
+
+
+def trigger_views(run, images, labels: np.ndarray, suspect: np.ndarray, target: int) -> dict:
+    """cgd.viz.trigger_views, cached per run, suspect set and target (it reads every image once)."""
+    import hashlib
+
+    digest = hashlib.sha1(np.packbits(np.asarray(suspect, bool)).tobytes() + np.asarray(labels).tobytes()).hexdigest()
+    return _trigger_views(str(run.root), _mtime(run, "data/train_x.npy"), digest, int(target), images, labels, suspect)
+
+
+def _digest(*arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.asarray(a)
+        h.update(np.packbits(a).tobytes() if a.dtype == bool else np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _scores_key(run) -> tuple:
+    return _mtime(run, "clip_logits.npy", "model_logits.npy", "data/train_y.npy", "data/poison_mask.npy")
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _detection(root: str, key: tuple, rank_mode: str, digest: str, _subset, _poison_mask, _clip_nll, _model_nll) -> dict:
+    from cgd.separation import detection_metrics
+
+    return detection_metrics(_subset, _poison_mask, _clip_nll, _model_nll)
+
+
+def detection(run, df, subset: np.ndarray, poison_mask: np.ndarray, rank_mode: str) -> dict:
+    """cgd.separation.detection_metrics for this subset, cached per run and subset (AUROCs sort N scores)."""
+    return _detection(str(run.root), _scores_key(run), rank_mode, _digest(subset), subset, poison_mask,
+                      df["clip_nll"].to_numpy(), df["model_nll"].to_numpy())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _roc(root: str, key: tuple, _clip_nll, _model_nll, _poison_mask) -> list:
+    from cgd.separation import auroc, roc_curve
+
+    out = []
+    for name, s in (("CLIP entropy (high = poison)", _clip_nll), ("model entropy (low = poison)", -_model_nll)):
+        f, t = roc_curve(s, _poison_mask)
+        out.append((name, f, t, auroc(s, _poison_mask)))
+    return out
+
+
+def roc_curves(run, df, poison_mask: np.ndarray) -> list:
+    """[(name, fpr, tpr, auroc)] for both entropies, cached per run."""
+    return _roc(str(run.root), _scores_key(run), df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), poison_mask)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _sweep(root: str, key: tuple, rank_mode: str, ratio: float, _clip_rank, _model_rank, _poison_mask) -> list:
+    from cgd.separation import threshold_sweep
+
+    return threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio)
+
+
+def sweep(run, df, poison_mask, rank_mode: str, ratio: float) -> list[dict]:
+    """cgd.separation.threshold_sweep over sigma1, cached per run, rank mode and sigma2 ratio."""
+    return _sweep(str(run.root), _scores_key(run), rank_mode, round(float(ratio), 4), df["clip_rank"].to_numpy(),
+                  df["model_rank"].to_numpy(), poison_mask)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _class_mosaics(ident: tuple, shown: tuple, per: int, seed: int, _images, _labels, _classes) -> list:
+    import io
+
+    from PIL import Image
+
+    from cgd import viz
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in shown:
+        idx = np.flatnonzero(_labels == _classes.index(name))
+        if len(idx) == 0:
+            continue
+        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False))
+        scale = max(1, 64 // _images.shape[1])
+        buf = io.BytesIO()
+        Image.fromarray(viz.mosaic(viz.upscale(np.asarray(_images[pick]), scale), cols=per)).save(buf, format="PNG")
+        out.append((name, int(len(idx)), buf.getvalue()))
+    return out
+
+
+def class_mosaics(train, shown: tuple, per: int, seed: int) -> list[tuple[str, int, bytes]]:
+    """[(class name, class count, PNG bytes of a row of ``per`` seeded samples)], cached per dataset."""
+    ident = (train.name, len(train.labels), train.images.shape, _digest(train.labels))
+    return _class_mosaics(ident, tuple(shown), int(per), int(seed), train.images, train.labels, list(train.classes))
+
+
 def run_config(run) -> dict:
     from cgd.pipeline import RunConfig
 

@@ -156,18 +156,10 @@ with st.expander("Sample images per class", expanded=True):
     per = int(cc2.slider("Per class", 4, 16, 10, key="ds_per"))
     shown = cc3.multiselect("Classes", train.classes, default=train.classes[:10], key="ds_classes",
                             max_selections=20) if train.num_classes > 10 else train.classes
-    rng = np.random.default_rng(seed)
-    for name in shown:
-        k = train.classes.index(name)
-        idx = np.flatnonzero(train.labels == k)
-        if len(idx) == 0:
-            continue
-        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False))
-        scale = max(1, 64 // train.image_size[0])
-        row = viz.mosaic(viz.upscale(np.asarray(train.images[pick]), scale), cols=per)
+    for name, count, png in c.class_mosaics(train, tuple(shown), per, seed):
         a, b = st.columns([1, 8], vertical_alignment="center")
-        a.markdown(f"**{name}**  \n{c.fmt_int(len(idx))}")
-        b.image(row, output_format="PNG")
+        a.markdown(f"**{name}**  \n{c.fmt_int(count)}")
+        b.image(png)
 
 # ------------------------------------------------------------------------------------------------
 # Teaching mode: the attack simulator

@@ -139,7 +139,7 @@ with tabs[4]:
     t = st.selectbox("Target class to examine", list(range(len(classes))), index=int(default_t), key="insp_trig_class",
                      format_func=lambda k: f"{k}: {classes[k]} ({100 * rates[k]:.0f} % suspect)",
                      help="The class the suspect samples are labelled as; by default the known target or the most flagged class.")
-    views = viz.trigger_views(train.images, df["label"].to_numpy(), sus, int(t))
+    views = c.trigger_views(run, train.images, df["label"].to_numpy(), sus, int(t))
     if views["n_suspect"] == 0:
         st.info("No suspect samples carry this label at the current thresholds.")
     else:

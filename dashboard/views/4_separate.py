@@ -11,7 +11,6 @@ import streamlit as st
 
 import _common as c
 from cgd import jobs, viz
-from cgd.separation import auroc, detection_metrics, roc_curve, threshold_sweep
 
 st.title("Separate")
 run = c.require_run(need=("clip_logits.npy", "model_logits.npy", "data/train_y.npy"), what="separation")
@@ -109,7 +108,7 @@ with t_det:
         st.info("Detection rates need ground truth: it exists when the set was poisoned by the simulator (teaching "
                 "mode) or comes from a BackdoorBench record.", icon=":material/info:")
     else:
-        det = detection_metrics(subset, train.poison_mask, df["clip_nll"].to_numpy(), df["model_nll"].to_numpy())
+        det = c.detection(run, df, subset, train.poison_mask, st.session_state["rank_mode"])
         rows = []
         for key, what in (("suspect", "suspect subset: finds poisoned samples"), ("clean", "clean subset: keeps clean samples")):
             d = det[key]
@@ -125,17 +124,12 @@ with t_det:
         d1.metric("Poisons in the clean subset", f"{det['poison_in_clean']:,} / {det['n_poison']:,}", help=c.HELP["poison_in_clean"])
         d2.metric("AUROC · CLIP entropy", c.fmt_float(det.get("auroc_clip")), help=c.HELP["auroc"])
         d3.metric("AUROC · model entropy", c.fmt_float(det.get("auroc_model")), help=c.HELP["auroc"])
-        pm = train.poison_mask
-        f1_, t1_ = roc_curve(df["clip_nll"].to_numpy(), pm)
-        f2_, t2_ = roc_curve(-df["model_nll"].to_numpy(), pm)
-        st.plotly_chart(viz.roc_figure([("CLIP entropy (high = poison)", f1_, t1_, auroc(df["clip_nll"].to_numpy(), pm)),
-                                        ("model entropy (low = poison)", f2_, t2_, auroc(-df["model_nll"].to_numpy(), pm))]),
+        st.plotly_chart(viz.roc_figure(c.roc_curves(run, df, train.poison_mask)),
                         width="stretch", key="sep_roc")
 
 with t_sweep:
     ratio = s2 / s1 if s1 > 0 else 0.5
-    rows = threshold_sweep(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), train.poison_mask if has_gt else None,
-                           sigma2_ratio=min(ratio, 1.0))
+    rows = c.sweep(run, df, train.poison_mask if has_gt else None, st.session_state["rank_mode"], min(ratio, 1.0))
     st.plotly_chart(viz.sweep_figure(rows, s1, title=f"Threshold sweep (σ2 = {min(ratio, 1.0):.2f} × σ1, without manual moves)"),
                     width="stretch", key="sep_sweep")
 
@@ -188,10 +182,12 @@ with t_manual:
             st.rerun()
 
 with t_table:
-    view = df.assign(subset=c.subset_names(subset))
+    # suspect first, then clean, then unused; by model rank within each (only the shown rows are built)
+    group = np.where(subset == c.SUBSET_CODES["suspect"], 0, np.where(subset == c.SUBSET_CODES["clean"], 1, 2))
+    order = np.lexsort((df["model_rank"].to_numpy(), group))[:2000]
+    view = df.iloc[order].assign(subset=c.subset_names(subset[order]))
     view["label"] = np.array(classes)[view["label"].to_numpy()]
-    view = view.sort_values(["subset", "model_rank"], ascending=[False, True])
-    st.dataframe(view.head(2000), hide_index=True, width="stretch", key="sep_scores",
+    st.dataframe(view, hide_index=True, width="stretch", key="sep_scores",
                  column_config={"clip_nll": st.column_config.NumberColumn("CLIP entropy", format="%.3f", help=c.HELP["clip_nll"]),
                                 "model_nll": st.column_config.NumberColumn("model entropy", format="%.3f", help=c.HELP["model_nll"]),
                                 "clip_rank": st.column_config.NumberColumn("CLIP rank", format="%.3f", help=c.HELP["clip_rank"]),
