@@ -69,6 +69,9 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--beta", type=float, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--tolerance", type=float, default=None)
+    g.add_argument("--unlearn", default=None, choices=["log_p", "log_1mp"],
+                   help="unlearning term on suspect samples: log_p = the paper's beta * log p(label) (unbounded), "
+                        "log_1mp = beta * -log(1 - p(label)) (bounded, fades once the label is unlikely)")
     g.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")

@@ -85,6 +85,7 @@ class RunConfig:
     beta: float = 0.025
     temperature: float = 3.0
     tolerance: float = 1.0
+    unlearn: str = "log_p"  # "log_p" (paper) | "log_1mp" (bounded), see cgd.retrain.guided_losses
     batch_size: int = 256
 
     def to_dict(self) -> dict:
@@ -100,6 +101,7 @@ class RunConfig:
 
         return RetrainConfig(epochs=self.epochs, max_batches=self.max_batches, batch_size=self.batch_size, lr=self.lr,
                              temperature=self.temperature, alpha=self.alpha, beta=self.beta, tolerance=self.tolerance,
+                             unlearn=self.unlearn,
                              precision=self.precision, seed=self.seed)
 
     def separation_config(self) -> SeparationConfig:
@@ -617,7 +619,10 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
     cfg, run = ctx.cfg, ctx.run
     rcfg = cfg.retrain_config()
-    key = _key("retrain", sep_key, victim_key, rcfg.to_dict())
+    rkey = rcfg.to_dict()
+    if rkey.get("unlearn") == "log_p":  # the paper's term: keep the keys of runs made before the option existed
+        rkey.pop("unlearn")
+    key = _key("retrain", sep_key, victim_key, rkey)
     if run.stage_done("retrain", key, ["models/repaired.safetensors", "metrics.csv"]):
         return key
     t0 = time.perf_counter()

@@ -45,6 +45,7 @@ class RetrainConfig:
     alpha: float = 5e-4
     beta: float = 0.025
     tolerance: float = 1.0  # CA points
+    unlearn: str = "log_p"  # "log_p" (paper: beta * mean log p(label), unbounded) | "log_1mp" (beta * mean -log(1 - p(label)), bounded)
     augment: bool = True
     precision: str = "auto"
     channels_last: bool = True
@@ -59,13 +60,19 @@ PRESETS: dict[str, RetrainConfig] = {"paper": RetrainConfig()}
 
 
 def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,
-                  temperature: float = 3.0, alpha: float = 5e-4, beta: float = 0.025) -> dict[str, torch.Tensor]:
+                  temperature: float = 3.0, alpha: float = 5e-4, beta: float = 0.025,
+                  unlearn: str = "log_p") -> dict[str, torch.Tensor]:
     """The three loss terms on one batch.
 
     student, reference: (B, K) logits; labels: (B,) given labels; suspect: (B,) bool (False = clean).
     Returns {"total", "ce", "kl", "unlearn"} (scalars). ``ce`` is the mean over clean samples,
-    ``kl`` (already times T^2) and ``unlearn`` (mean log p of the label, <= 0) over suspect
-    samples; a term with no samples in the batch is 0. total = ce + alpha * kl + beta * unlearn.
+    ``kl`` (already times T^2) and ``unlearn`` over suspect samples; a term with no samples in the
+    batch is 0. total = ce + alpha * kl + beta * unlearn.
+
+    ``unlearn="log_p"`` (the paper): mean log p(label), <= 0 and unbounded below, so once a
+    suspect label is unlikely the term keeps growing and can swamp the other two.
+    ``unlearn="log_1mp"``: mean -log(1 - p(label)), >= 0, large while the model still believes
+    the label and fading to 0 as p(label) -> 0 (computed stably as logsumexp over the other classes).
     """
     # Masked sums instead of boolean indexing and ``.any()``: the same maths without a
     # device->host synchronisation per batch (on a GPU those stall the launch queue).
@@ -80,9 +87,15 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     p_ref = F.softmax(reference.float() / t, dim=1)
     kl_rows = F.kl_div(log_p_s, p_ref, reduction="none").sum(1)  # (B,) KL(p_ref || p_student) per sample
     kl = torch.where(susp, kl_rows, 0.0).sum() / n_susp * (t * t)
-    log_p_label = F.log_softmax(student, dim=1).gather(1, labels[:, None]).squeeze(1)
-    unlearn = torch.where(susp, log_p_label, 0.0).sum() / n_susp
-    return {"total": ce + alpha * kl + beta * unlearn, "ce": ce, "kl": kl, "unlearn": unlearn}
+    if unlearn == "log_p":
+        per = F.log_softmax(student, dim=1).gather(1, labels[:, None]).squeeze(1)
+    elif unlearn == "log_1mp":
+        others = student.scatter(1, labels[:, None], float("-inf"))
+        per = torch.logsumexp(student, dim=1) - torch.logsumexp(others, dim=1)  # -log(1 - p(label)) >= 0
+    else:
+        raise ValueError(f"unlearn must be 'log_p' or 'log_1mp', got {unlearn!r}")
+    term = torch.where(susp, per, 0.0).sum() / n_susp
+    return {"total": ce + alpha * kl + beta * term, "ce": ce, "kl": kl, "unlearn": term}
 
 
 def _state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,7 +181,8 @@ def guided_retrain(
             xb = u8_to_float(xb, cfg.channels_last)
             with autocast(dev, prec):
                 out = model(xb)
-            losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta)
+            losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta,
+                                   cfg.unlearn)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()

@@ -43,6 +43,30 @@ def test_kl_zero_when_student_matches_reference_and_unlearning_pushes_label_down
     assert (student.grad[torch.arange(4), labels] > 0).all()
 
 
+def test_bounded_unlearning_term():
+    """unlearn="log_1mp": mean -log(1 - p(label)) over suspect rows; >= 0, pushes the label down, fades as p -> 0."""
+    student = torch.tensor([[4.0, 0.0, -1.0], [0.0, 9.0, 0.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, 2])
+    suspect = torch.tensor([True, True, False])
+    out = guided_losses(student, torch.zeros(3, 3), labels, suspect, alpha=0.0, beta=1.0, unlearn="log_1mp")
+    p = F.softmax(student.detach().double(), 1)[torch.arange(3), labels]
+    want = float(-(torch.log1p(-p[0]) + torch.log1p(-p[1])) / 2)
+    assert out["unlearn"].item() == pytest.approx(want, rel=1e-5)
+    assert out["unlearn"].item() > 0
+    out["total"].backward()
+    assert (student.grad[[0, 1], [0, 1]] > 0).all()  # descent lowers the suspect labels' logits
+    assert student.grad[2].abs().sum() > 0  # the clean row still gets its cross-entropy gradient
+    # confident label (p ~ 1 - 1e-8) stays finite; an already unlikely label contributes ~0
+    big = guided_losses(torch.tensor([[30.0, 0.0]]), torch.zeros(1, 2), torch.tensor([0]), torch.tensor([True]),
+                        unlearn="log_1mp")["unlearn"]
+    assert torch.isfinite(big) and big.item() > 20
+    small = guided_losses(torch.tensor([[-30.0, 0.0]]), torch.zeros(1, 2), torch.tensor([0]), torch.tensor([True]),
+                          unlearn="log_1mp")["unlearn"]
+    assert 0 <= small.item() < 1e-6
+    with pytest.raises(ValueError, match="unlearn must be"):
+        guided_losses(student, torch.zeros(3, 3), labels, suspect, unlearn="nope")
+
+
 def test_only_clean_or_only_suspect_batches():
     s, r, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
     only_clean = guided_losses(s, r, y, torch.zeros(3, dtype=torch.bool))
