@@ -72,6 +72,12 @@ def trusted_reference(spec: str, arch: str, epochs: int, seed: int, device: str,
     return ckpt
 
 
+def _preset(args):
+    from cgd.retrain import PRESETS
+
+    return PRESETS[args.preset]
+
+
 def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, work: Path) -> dict:
     spec = dataset_spec(dataset)
     out = work / f"{dataset}-{attack or 'clean'}-s{seed}"
@@ -81,7 +87,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
                     sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode,
-                    epochs=args.epochs, max_batches=args.max_batches)
+                    epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn)
     t0 = time.perf_counter()
     info = run_pipeline(cfg, progress_bars=False)
     wall = time.perf_counter() - t0
@@ -98,7 +104,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
         "auroc_clip": det.get("auroc_clip", float("nan")), "auroc_model": det.get("auroc_model", float("nan")),
         "poison_in_clean": det.get("poison_in_clean", 0), "clean_size": s["clean_size"], "suspect_size": s["suspect_size"],
         "seconds": wall, **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
-        "category": attacks.REGISTRY[attack].category if attack else "clean",
+        "category": attacks.REGISTRY[attack].category if attack else "clean", "preset": args.preset,
     }
     if not args.keep_runs:
         shutil.rmtree(out / "chunks", ignore_errors=True)
@@ -172,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--sigma1", type=float, default=0.2)
     p.add_argument("--sigma2", type=float, default=0.1)
     p.add_argument("--rank-mode", default="global", choices=["global", "per_class"])
+    p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
+                   help="retraining recipe: cgd (lr 0.003) or paper (lr 0.01); the other stages are shared, so a "
+                        "second run with the other preset and the same --out retrains only")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-batches", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="a few-minute smoke version")
@@ -210,7 +219,7 @@ def main(argv=None) -> int:
 
     header = (f"cgd defense benchmark — arch {args.arch}, device {args.device}, reference {args.reference}, "
               f"subset {args.subset or 'full'}, victim {args.victim_epochs} ep, suspicious {args.suspicious_runs}x{args.suspicious_epochs} ep, "
-              f"retrain {args.epochs} ep x {args.max_batches} batches, sigma1/2 {args.sigma1}/{args.sigma2} ({args.rank_mode}), "
+              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}), sigma1/2 {args.sigma1}/{args.sigma2} ({args.rank_mode}), "
               f"seeds {args.seeds}, torch {torch.__version__}")
     print(write_tables(aggregate(rows), rows, out, header))
     print(f"wrote {out / 'defense.md'} and {out / 'defense.csv'}")

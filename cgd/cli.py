@@ -62,6 +62,9 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--sigma2", type=float, default=None)
     g.add_argument("--rank-mode", default=None, choices=["global", "per_class"])
     g = p.add_argument_group("guided retraining")
+    g.add_argument("--preset", default=None, choices=["cgd", "paper"],
+                   help="retraining recipe: cgd (default: lr 0.003) or paper (the CGD paper's code: lr 0.01); "
+                        "flags given explicitly win over the preset")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--max-batches", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
@@ -102,6 +105,12 @@ def config_from_args(args: argparse.Namespace):
     base = RunConfig.from_dict(run.read_run().get("config", {})) if run.exists() else RunConfig()
     upd = {}
     names = {f.name for f in fields(RunConfig)}
+    if getattr(args, "preset", None):
+        from .retrain import PRESETS
+
+        preset = PRESETS[args.preset].to_dict()
+        upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
+                                            "tolerance", "unlearn")})
     for k, v in vars(args).items():
         if v is None or k not in names or k in ("classnames", "templates"):
             continue

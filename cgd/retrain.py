@@ -33,12 +33,19 @@ __all__ = ["RetrainConfig", "guided_losses", "guided_retrain", "PRESETS"]
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """Guided-retraining hyperparameters (defaults: the CGD paper's code)."""
+    """Guided-retraining hyperparameters.
+
+    Defaults are the CGD paper's code except the learning rate: 0.003 instead of 0.01. On the
+    defense benchmark (small CNN, 10,000 real CIFAR-10 images, trusted-classifier reference) lr 0.01
+    cost 1.2-4.8 CA points (the unbounded unlearning term then wrecks the features within a few
+    epochs: BadNets RA 65 -> 11 between epochs 2 and 5), while lr 0.003 kept CA (BadNets 68.64 -> 68.66,
+    ASR 99.98 -> 1.83, RA 66.7). ``PRESETS["paper"]`` is the paper's exact recipe.
+    """
 
     epochs: int = 10
     max_batches: int = 200  # per epoch
     batch_size: int = 256
-    lr: float = 0.01
+    lr: float = 0.003
     momentum: float = 0.9
     weight_decay: float = 5e-4
     temperature: float = 3.0
@@ -56,7 +63,10 @@ class RetrainConfig:
         return asdict(self)
 
 
-PRESETS: dict[str, RetrainConfig] = {"paper": RetrainConfig()}
+PRESETS: dict[str, RetrainConfig] = {
+    "cgd": RetrainConfig(),  # this tool's defaults
+    "paper": RetrainConfig(lr=0.01),  # the CGD paper's code: SGD lr 0.01, log p unlearning
+}
 
 
 def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,

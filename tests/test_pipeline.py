@@ -143,3 +143,16 @@ def test_trusted_classifier_reference_detects_badnets(cifar_root, tmp_path):
     assert det["auroc_model"] > 0.9, det
     assert det["suspect"]["tpr"] > 0.8, det
     assert det["auroc_clip"] > 0.6, det
+
+
+def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
+    from cgd.cli import build_parser, config_from_args
+    from cgd.retrain import PRESETS, RetrainConfig
+
+    def cfg(*extra):
+        return config_from_args(build_parser().parse_args(["retrain", "--data", "npz:x.npz", "--out", str(tmp_path / "r"), *extra]))
+
+    assert cfg().lr == RetrainConfig().lr == PRESETS["cgd"].lr == 0.003
+    assert cfg("--preset", "paper").lr == PRESETS["paper"].lr == 0.01
+    assert cfg("--preset", "paper", "--lr", "0.02").lr == 0.02
+    assert cfg("--unlearn", "log_1mp").retrain_config().unlearn == "log_1mp"
