@@ -171,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", default=None)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--reference-epochs", type=int, default=30)
+    p.add_argument("--reference-dir", default=None,
+                   help="folder of the trusted reference checkpoints (default: --out); give an earlier table's --out "
+                        "together with a copy of its runs/ to retrain with another preset without redoing the other stages")
     p.add_argument("--victim-epochs", type=int, default=15)
     p.add_argument("--victim-lr", type=float, default=2e-3)
     p.add_argument("--suspicious-runs", type=int, default=3)
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             if args.reference == "classifier":
                 ckpt = trusted_reference(dataset_spec(ds), args.arch if args.arch == "small-cnn" else "preact-resnet18",
-                                         args.reference_epochs, seed, args.device, out)
+                                         args.reference_epochs, seed, args.device, Path(args.reference_dir or out))
                 ref_spec = f"classifier:{ckpt}"
             else:
                 ref_spec = args.reference
