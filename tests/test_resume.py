@@ -20,7 +20,7 @@ def _cmd(cifar_root, out):
     return [sys.executable, "-m", "cgd", "run", "--data", f"imagefolder:{cifar_root}", "--subset", "400", "--attack", "blended",
             "--reference", "clip:tiny-clip", "--clip-config", TINY, "--pretrained", "none", "--chunk-size", "48",
             "--score-batch-size", "16", "--arch", "small-cnn", "--train-epochs", "1", "--suspicious-runs", "1",
-            "--suspicious-epochs", "1", "--epochs", "4", "--max-batches", "3", "--device", "cpu", "--precision", "fp32",
+            "--suspicious-epochs", "1", "--epochs", "4", "--max-batches", "3", "--tolerance", "100", "--device", "cpu", "--precision", "fp32",
             "--out", str(out), "--quiet"]
 
 
