@@ -25,6 +25,7 @@ import torch.nn as nn
 
 __all__ = [
     "is_distributed",
+    "shutdown",
     "init_from_env",
     "rank",
     "world_size",
@@ -64,6 +65,9 @@ def init_from_env(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
+    import atexit
+
+    atexit.register(shutdown)  # a group left alive at interpreter exit can abort the process (gloo threads)
     return dist.get_world_size() > 1
 
 
@@ -190,3 +194,14 @@ def barrier() -> None:
 
     if is_distributed():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one exists (idempotent; called at exit by cgd)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass

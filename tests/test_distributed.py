@@ -76,6 +76,7 @@ WORKER = textwrap.dedent(r"""
     info.update(hist=hist, last_progress=calls[-1] if calls else None, training=model.training)
     with open(f"{work}/rank{r}.json", "w") as f:
         json.dump(info, f)
+    D.shutdown()  # leave no process group alive at exit
 """) % {"classes": CLASSES, "templates": TEMPLATES}
 
 
