@@ -373,7 +373,7 @@ def _scores(root: str, rank_mode: str, key: tuple):
 
 def scores(run, rank_mode: str = "global"):
     """Per-sample scores (cgd.pipeline.scores_table) without overrides, cached on the logits' mtimes."""
-    return _scores(str(run.root), rank_mode, _mtime(run, "clip_logits.npy", "model_logits.npy", "data/train_y.npy"))
+    return _scores(str(run.root), rank_mode, _scores_key(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -385,10 +385,8 @@ def _trigger_views(root: str, key: tuple, suspect_digest: str, target: int, _ima
 
 def trigger_views(run, images, labels: np.ndarray, suspect: np.ndarray, target: int) -> dict:
     """cgd.viz.trigger_views, cached per run, suspect set and target (it reads every image once)."""
-    import hashlib
-
-    digest = hashlib.sha1(np.packbits(np.asarray(suspect, bool)).tobytes() + np.asarray(labels).tobytes()).hexdigest()
-    return _trigger_views(str(run.root), _mtime(run, "data/train_x.npy"), digest, int(target), images, labels, suspect)
+    return _trigger_views(str(run.root), _mtime(run, "data/train_x.npy"), _digest(np.asarray(suspect, bool), labels),
+                          int(target), images, labels, suspect)
 
 
 def _digest(*arrays) -> str:
@@ -406,15 +404,15 @@ def _scores_key(run) -> tuple:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _detection(root: str, key: tuple, rank_mode: str, digest: str, _subset, _poison_mask, _clip_nll, _model_nll) -> dict:
+def _detection(root: str, key: tuple, digest: str, _subset, _poison_mask, _clip_nll, _model_nll) -> dict:
     from cgd.separation import detection_metrics
 
     return detection_metrics(_subset, _poison_mask, _clip_nll, _model_nll)
 
 
-def detection(run, df, subset: np.ndarray, poison_mask: np.ndarray, rank_mode: str) -> dict:
+def detection(run, df, subset: np.ndarray, poison_mask: np.ndarray) -> dict:
     """cgd.separation.detection_metrics for this subset, cached per run and subset (AUROCs sort N scores)."""
-    return _detection(str(run.root), _scores_key(run), rank_mode, _digest(subset), subset, poison_mask,
+    return _detection(str(run.root), _scores_key(run), _digest(subset), subset, poison_mask,
                       df["clip_nll"].to_numpy(), df["model_nll"].to_numpy())
 
 

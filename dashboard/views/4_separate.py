@@ -108,7 +108,7 @@ with t_det:
         st.info("Detection rates need ground truth: it exists when the set was poisoned by the simulator (teaching "
                 "mode) or comes from a BackdoorBench record.", icon=":material/info:")
     else:
-        det = c.detection(run, df, subset, train.poison_mask, st.session_state["rank_mode"])
+        det = c.detection(run, df, subset, train.poison_mask)
         rows = []
         for key, what in (("suspect", "suspect subset: finds poisoned samples"), ("clean", "clean subset: keeps clean samples")):
             d = det[key]
