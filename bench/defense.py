@@ -87,7 +87,8 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
                     sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode,
-                    epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn)
+                    epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn,
+                    unlearn_floor=_preset(args).unlearn_floor)
     t0 = time.perf_counter()
     info = run_pipeline(cfg, progress_bars=False)
     wall = time.perf_counter() - t0
@@ -103,17 +104,36 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
         "det_fpr": 100 * det["suspect"]["fpr"] if det and det.get("n_poison") else float("nan"),
         "auroc_clip": det.get("auroc_clip", float("nan")), "auroc_model": det.get("auroc_model", float("nan")),
         "poison_in_clean": det.get("poison_in_clean", 0), "clean_size": s["clean_size"], "suspect_size": s["suspect_size"],
-        "seconds": wall, **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
+        # compute time of the row: the sum of its stages' recorded times, also when a stage was cached from an
+        # earlier invocation (``wall`` is this invocation's own time, small when only retraining re-ran)
+        "seconds": float(sum(v["seconds"] for v in info["stages"].values())), "wall": wall,
+        **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
         "category": attacks.REGISTRY[attack].category if attack else "clean", "preset": args.preset,
     }
+    row["targets"] = check_targets(row)
     if not args.keep_runs:
         shutil.rmtree(out / "chunks", ignore_errors=True)
     return row
 
 
+def check_targets(row: dict) -> str:
+    """The issue's targets for one row: "met" or "missed: ..." naming each missed one.
+
+    Every row: CA drop <= 1.0 point. Attack rows: ASR after < 2 %. Dirty-label attacks: suspect TPR >= 95 %.
+    """
+    miss = []
+    if row.get("category") != "clean" and not row["asr_after"] < 2.0:
+        miss.append("ASR")
+    if not row["ca_drop"] <= 1.0:
+        miss.append("CA drop")
+    if row.get("category") == "dirty-label" and not row["det_tpr"] >= 95.0:
+        miss.append("TPR")
+    return "met" if not miss else "missed: " + ", ".join(miss)
+
+
 COLS = [("dataset", "{}"), ("attack", "{}"), ("reference", "{}"), ("ca_before", "{:.2f}"), ("asr_before", "{:.2f}"),
         ("ca_after", "{:.2f}"), ("asr_after", "{:.2f}"), ("ra_after", "{:.2f}"), ("ca_drop", "{:+.2f}"),
-        ("det_tpr", "{:.1f}"), ("det_fpr", "{:.1f}"), ("seconds", "{:.0f}")]
+        ("det_tpr", "{:.1f}"), ("det_fpr", "{:.1f}"), ("seconds", "{:.0f}"), ("targets", "{}")]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -124,10 +144,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (ds, atk, ref), rs in groups.items():
         agg = {"dataset": ds, "attack": atk, "reference": ref, "n_seeds": len(rs)}
-        for k, _ in COLS[3:]:
+        for k, _ in COLS[3:-1]:
             v = np.array([r[k] for r in rs], float)
             agg[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
             agg[k + "_std"] = float(np.nanstd(v)) if len(rs) > 1 and np.isfinite(v).any() else 0.0
+        agg["targets"] = check_targets({**agg, "category": rs[0].get("category")})
         out.append(agg)
     return out
 
@@ -157,6 +178,33 @@ def write_tables(aggs: list[dict], rows: list[dict], out: Path, header: str) -> 
     return text
 
 
+def render(dirs: list[str], out: Path) -> int:
+    """Merge earlier tables' rows (see ``--render``) and write defense.md / defense.csv under ``out``."""
+    latest: dict[tuple, dict] = {}
+    for d in dirs:
+        f = Path(d) / "rows.jsonl"
+        if not f.is_file():
+            raise SystemExit(f"{f}: not found (give folders that an earlier bench/defense.py run wrote with --out)")
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{f}:{i}: not a JSON row ({e})")
+            r["targets"] = check_targets(r)
+            latest[(r["dataset"], r["attack"], r["seed"], r.get("preset"), r["reference"])] = r
+    rows = list(latest.values())
+    if not rows:
+        raise SystemExit("no rows in " + ", ".join(dirs))
+    order = {a: i for i, a in enumerate(["none (clean)"] + attacks.available())}
+    rows.sort(key=lambda r: (r["dataset"], r.get("preset") or "", order.get(r["attack"], 99), r["seed"]))
+    presets = sorted({str(r.get("preset")) for r in rows})
+    print(write_tables(aggregate(rows), rows, out, f"cgd defense benchmark, merged from {', '.join(dirs)} (presets: {', '.join(presets)})"))
+    print(f"wrote {out / 'defense.md'} and {out / 'defense.csv'}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="cifar10,gtsrb")
@@ -182,14 +230,19 @@ def main(argv=None) -> int:
     p.add_argument("--sigma2", type=float, default=0.1)
     p.add_argument("--rank-mode", default="global", choices=["global", "per_class"])
     p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
-                   help="retraining recipe: cgd (lr 0.003) or paper (lr 0.01); the other stages are shared, so a "
+                   help="retraining recipe: cgd (lr 0.003, unlearning floor 1e-4) or paper (lr 0.01, no floor); the other stages are shared, so a "
                         "second run with the other preset and the same --out retrains only")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-batches", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="a few-minute smoke version")
     p.add_argument("--keep-runs", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--render", nargs="+", default=None, metavar="DIR",
+                   help="run nothing: merge the rows.jsonl of these earlier --out folders (the newest row per dataset x "
+                        "attack x seed x preset wins), recheck the targets and write one table to --out")
     args = p.parse_args(argv)
+    if args.render:
+        return render(args.render, Path(args.out or ROOT / "bench" / "results" / "defense-merged"))
     if args.quick:
         args.subset = args.subset or 2000
         args.victim_epochs, args.reference_epochs = 4, 6
@@ -222,7 +275,7 @@ def main(argv=None) -> int:
 
     header = (f"cgd defense benchmark — arch {args.arch}, device {args.device}, reference {args.reference}, "
               f"subset {args.subset or 'full'}, victim {args.victim_epochs} ep, suspicious {args.suspicious_runs}x{args.suspicious_epochs} ep, "
-              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}), sigma1/2 {args.sigma1}/{args.sigma2} ({args.rank_mode}), "
+              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}, unlearning floor {_preset(args).unlearn_floor}), sigma1/2 {args.sigma1}/{args.sigma2} ({args.rank_mode}), "
               f"seeds {args.seeds}, torch {torch.__version__}")
     print(write_tables(aggregate(rows), rows, out, header))
     print(f"wrote {out / 'defense.md'} and {out / 'defense.csv'}")

@@ -63,7 +63,8 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--rank-mode", default=None, choices=["global", "per_class"])
     g = p.add_argument_group("guided retraining")
     g.add_argument("--preset", default=None, choices=["cgd", "paper"],
-                   help="retraining recipe: cgd (default: lr 0.003) or paper (the CGD paper's code: lr 0.01); "
+                   help="retraining recipe: cgd (default: lr 0.003, unlearning floor 1e-4) or paper (the CGD paper's "
+                        "code: lr 0.01, no floor); "
                         "flags given explicitly win over the preset")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--max-batches", type=int, default=None)
@@ -75,6 +76,9 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--unlearn", default=None, choices=["log_p", "log_1mp"],
                    help="unlearning term on suspect samples: log_p = the paper's beta * log p(label) (unbounded), "
                         "log_1mp = beta * -log(1 - p(label)) (bounded, fades once the label is unlikely)")
+    g.add_argument("--unlearn-floor", type=float, default=None,
+                   help="log_p only: a suspect sample stops pushing its label down once p(label) is below this "
+                        "probability (default 1e-4; the paper's recipe, --preset paper, uses 0 = never)")
     g.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
@@ -110,7 +114,7 @@ def config_from_args(args: argparse.Namespace):
 
         preset = PRESETS[args.preset].to_dict()
         upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
-                                            "tolerance", "unlearn")})
+                                            "tolerance", "unlearn", "unlearn_floor")})
     for k, v in vars(args).items():
         if v is None or k not in names or k in ("classnames", "templates"):
             continue

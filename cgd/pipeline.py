@@ -86,6 +86,7 @@ class RunConfig:
     temperature: float = 3.0
     tolerance: float = 1.0
     unlearn: str = "log_p"  # "log_p" (paper) | "log_1mp" (bounded), see cgd.retrain.guided_losses
+    unlearn_floor: float = 1e-4  # log_p: stop unlearning a sample once p(label) < floor (the paper: 0)
     batch_size: int = 256
 
     def to_dict(self) -> dict:
@@ -101,7 +102,7 @@ class RunConfig:
 
         return RetrainConfig(epochs=self.epochs, max_batches=self.max_batches, batch_size=self.batch_size, lr=self.lr,
                              temperature=self.temperature, alpha=self.alpha, beta=self.beta, tolerance=self.tolerance,
-                             unlearn=self.unlearn,
+                             unlearn=self.unlearn, unlearn_floor=self.unlearn_floor,
                              precision=self.precision, seed=self.seed)
 
     def separation_config(self) -> SeparationConfig:
@@ -622,6 +623,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     rkey = rcfg.to_dict()
     if rkey.get("unlearn") == "log_p":  # the paper's term: keep the keys of runs made before the option existed
         rkey.pop("unlearn")
+    if not rkey.get("unlearn_floor"):  # likewise for the floor option (0 = off)
+        rkey.pop("unlearn_floor", None)
     key = _key("retrain", sep_key, victim_key, rkey)
     if run.stage_done("retrain", key, ["models/repaired.safetensors", "metrics.csv"]):
         return key

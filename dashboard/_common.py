@@ -55,6 +55,9 @@ HELP = {
     "lr": "Learning rate of SGD (momentum 0.9, cosine schedule).",
     "alpha": "α: weight of the distillation term KL(reference ‖ model) on suspect samples.",
     "beta": "β: weight of the unlearning term (mean log-probability of the suspect samples' given labels).",
+    "unlearn_floor": "A suspect sample stops pushing its label down once the model gives that label less than this "
+                     "probability. 0 = never (the paper's recipe); 1e-4 keeps the unlearning from eroding clean features "
+                     "after the backdoor is gone.",
     "temperature": "T: softmax temperature of the distillation term.",
     "tolerance": "Tolerance: stop early and restore the previous weights when CA falls more than this many points below the best epoch.",
     "max_batches": "Maximum batches per retraining epoch.",

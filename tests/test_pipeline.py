@@ -156,3 +156,6 @@ def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
     assert cfg("--preset", "paper").lr == PRESETS["paper"].lr == 0.01
     assert cfg("--preset", "paper", "--lr", "0.02").lr == 0.02
     assert cfg("--unlearn", "log_1mp").retrain_config().unlearn == "log_1mp"
+    assert cfg().retrain_config().unlearn_floor == RetrainConfig().unlearn_floor == 1e-4
+    assert cfg("--preset", "paper").retrain_config().unlearn_floor == 0.0  # the paper's unbounded term
+    assert cfg("--preset", "paper", "--unlearn-floor", "0.05").retrain_config().unlearn_floor == 0.05

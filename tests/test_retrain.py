@@ -67,6 +67,24 @@ def test_bounded_unlearning_term():
         guided_losses(student, torch.zeros(3, 3), labels, suspect, unlearn="nope")
 
 
+def test_unlearning_floor_stops_pushing_unlikely_labels():
+    """unlearn_floor: log p(label) is clamped at log(floor): rows already below it add a constant and no gradient."""
+    student = torch.tensor([[4.0, 0.0], [-6.0, 0.0]], requires_grad=True)  # p(label 0) ~0.98 and ~0.0025
+    labels = torch.tensor([0, 0])
+    out = guided_losses(student, torch.zeros(2, 2), labels, torch.ones(2, dtype=torch.bool), alpha=0.0, beta=1.0,
+                        unlearn_floor=0.01)
+    logp0 = F.log_softmax(student.detach()[0], 0)[0].item()
+    assert out["unlearn"].item() == pytest.approx((logp0 + math.log(0.01)) / 2, rel=1e-5)
+    out["total"].backward()
+    assert student.grad[0, 0] > 0  # the believed label is still pushed down
+    assert student.grad[1].abs().sum() == 0  # the unlikely one is left alone
+    plain = guided_losses(student.detach(), torch.zeros(2, 2), labels, torch.ones(2, dtype=torch.bool), beta=1.0)
+    assert plain["unlearn"].item() < out["unlearn"].item()  # without the floor the sum keeps falling
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="unlearn_floor"):
+            guided_losses(student, torch.zeros(2, 2), labels, torch.ones(2, dtype=torch.bool), unlearn_floor=bad)
+
+
 def test_only_clean_or_only_suspect_batches():
     s, r, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
     only_clean = guided_losses(s, r, y, torch.zeros(3, dtype=torch.bool))

@@ -57,6 +57,9 @@ with st.expander("Hyperparameters", expanded=not run.has("metrics.csv")):
                              key="rt_maxb", help=c.HELP["max_batches"], disabled=busy)
     bs = h[3].number_input("Batch size", 8, 4096, int(cfg["batch_size"]), step=32, key="rt_bs", help=c.HELP["batch_size"],
                            disabled=busy)
+    h = st.columns(4)
+    floor = h[0].number_input("Unlearning floor", 0.0, 0.99, float(cfg.get("unlearn_floor", 0.0)), format="%.3g",
+                              key="rt_floor", help=c.HELP["unlearn_floor"], disabled=busy)
     if not run.has("models/victim.safetensors"):
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
@@ -65,7 +68,8 @@ b1, b2, _ = st.columns([1, 1, 4])
 if b1.button("Start retraining", type="primary", icon=":material/play_arrow:", disabled=busy, key="rt_start",
              help="Runs `cgd retrain` on this run in the background; an interrupted retraining resumes after its last epoch."):
     hp = {"epochs": int(epochs), "lr": float(lr), "alpha": float(alpha), "beta": float(beta), "temperature": float(temp),
-          "tolerance": float(tol), "max_batches": int(maxb), "batch_size": int(bs)}
+          "tolerance": float(tol), "max_batches": int(maxb), "batch_size": int(bs),
+          "unlearn_floor": float(floor)}
     if c.start_job(run, "retrain", config=hp, label="retraining"):
         st.rerun()
 if b2.button("Stop", icon=":material/stop_circle:", disabled=not busy, key="rt_stop",
