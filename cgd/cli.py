@@ -167,7 +167,7 @@ def print_summary(info: dict, file=sys.stdout) -> None:
     s = info.get("summary")
     if s:
         b, a = s.get("before") or {}, s.get("after") or {}
-        print(f"\n          CA      ASR     RA", file=file)
+        print("\n          CA      ASR     RA", file=file)
         if b:
             print(f"before  {b['ca']:6.2f}  {b['asr']:6.2f}  {b['ra']:6.2f}", file=file)
         print(f"after   {a['ca']:6.2f}  {a['asr']:6.2f}  {a['ra']:6.2f}", file=file)
