@@ -72,6 +72,31 @@ def trusted_reference(spec: str, arch: str, epochs: int, seed: int, device: str,
     return ckpt
 
 
+def _sigma3(args) -> float:
+    from cgd.separation import SEPARATION_PRESETS
+
+    return SEPARATION_PRESETS[args.preset].sigma3 if args.sigma3 is None else args.sigma3
+
+
+def natural_asr(clean_run: Path, attack_run: Path, device: str) -> float:
+    """ASR of the *clean* row's victim (never poisoned) on the attack's triggered test set, in %.
+
+    A model that is wrong on a share of the test set sends some triggered non-target images to the
+    target class anyway; this is the floor an ASR after repair is measured against.
+    """
+    from cgd.evaluation import evaluate_model
+    from cgd.models import load_checkpoint
+    from cgd.pipeline import load_run_data
+    from cgd.runs import RunDir
+
+    ckpt = clean_run / "models" / "victim.safetensors"
+    d = load_run_data(RunDir(attack_run))
+    if not ckpt.is_file() or d.bd is None or d.test is None:
+        return float("nan")
+    model, _ = load_checkpoint(ckpt, device=device)
+    return float(evaluate_model(model, d.test.images, d.test.labels, d.bd, device)["asr"])
+
+
 def _preset(args):
     from cgd.retrain import PRESETS
 
@@ -86,7 +111,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     reference=ref_spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
-                    sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode,
+                    sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode, sigma3=_sigma3(args),
                     epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn,
                     unlearn_floor=_preset(args).unlearn_floor)
     t0 = time.perf_counter()
@@ -132,7 +157,7 @@ def check_targets(row: dict) -> str:
 
 
 COLS = [("dataset", "{}"), ("attack", "{}"), ("reference", "{}"), ("ca_before", "{:.2f}"), ("asr_before", "{:.2f}"),
-        ("ca_after", "{:.2f}"), ("asr_after", "{:.2f}"), ("ra_after", "{:.2f}"), ("ca_drop", "{:+.2f}"),
+        ("ca_after", "{:.2f}"), ("asr_after", "{:.2f}"), ("ra_after", "{:.2f}"), ("asr_clean_model", "{:.2f}"), ("ca_drop", "{:+.2f}"),
         ("det_tpr", "{:.1f}"), ("det_fpr", "{:.1f}"), ("seconds", "{:.0f}"), ("targets", "{}")]
 
 
@@ -145,7 +170,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (ds, atk, ref), rs in groups.items():
         agg = {"dataset": ds, "attack": atk, "reference": ref, "n_seeds": len(rs)}
         for k, _ in COLS[3:-1]:
-            v = np.array([r[k] for r in rs], float)
+            v = np.array([r.get(k, float("nan")) for r in rs], float)
             agg[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
             agg[k + "_std"] = float(np.nanstd(v)) if len(rs) > 1 and np.isfinite(v).any() else 0.0
         agg["targets"] = check_targets({**agg, "category": rs[0].get("category")})
@@ -229,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--sigma1", type=float, default=0.2)
     p.add_argument("--sigma2", type=float, default=0.1)
     p.add_argument("--rank-mode", default="global", choices=["global", "per_class"])
+    p.add_argument("--sigma3", type=float, default=None, help="joint-tail margin (default: the preset's, cgd 0.1, paper 0)")
     p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
                    help="retraining recipe: cgd (lr 0.003, unlearning floor 1e-4) or paper (lr 0.01, no floor); the other stages are shared, so a "
                         "second run with the other preset and the same --out retrains only")
@@ -267,6 +293,8 @@ def main(argv=None) -> int:
                 ref_spec = args.reference
             for atk in plan:
                 row = one_row(ds, atk, seed, args, ref_spec, work)
+                clean_run = work / f"{ds}-clean-s{seed}"
+                row["asr_clean_model"] = natural_asr(clean_run, work / f"{ds}-{atk}-s{seed}", args.device) if atk else float("nan")
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
                 with open(out / "rows.jsonl", "a") as f:
@@ -275,7 +303,7 @@ def main(argv=None) -> int:
 
     header = (f"cgd defense benchmark — arch {args.arch}, device {args.device}, reference {args.reference}, "
               f"subset {args.subset or 'full'}, victim {args.victim_epochs} ep, suspicious {args.suspicious_runs}x{args.suspicious_epochs} ep, "
-              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}, unlearning floor {_preset(args).unlearn_floor}), sigma1/2 {args.sigma1}/{args.sigma2} ({args.rank_mode}), "
+              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}, unlearning floor {_preset(args).unlearn_floor}), sigma1/2/3 {args.sigma1}/{args.sigma2}/{_sigma3(args)} ({args.rank_mode}), "
               f"seeds {args.seeds}, torch {torch.__version__}")
     print(write_tables(aggregate(rows), rows, out, header))
     print(f"wrote {out / 'defense.md'} and {out / 'defense.csv'}")

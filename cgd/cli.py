@@ -4,7 +4,7 @@
     cgd attack   --data SPEC --attack NAME --out poisoned.npz      (or --list)
     cgd train    --data SPEC --arch small-cnn --out model.safetensors [--split test --trusted-fraction 0.5]
     cgd score    --out RUN [reference flags]         (data, victim when needed, reference, suspicious)
-    cgd separate --out RUN [--sigma1 --sigma2]
+    cgd separate --out RUN [--sigma1 --sigma2 --sigma3]
     cgd retrain  --out RUN [--epochs --lr --alpha --beta ...]
     cgd export   --out RUN [--to DIR]
     cgd status   --out RUN
@@ -61,10 +61,13 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--sigma1", type=float, default=None)
     g.add_argument("--sigma2", type=float, default=None)
     g.add_argument("--rank-mode", default=None, choices=["global", "per_class"])
+    g.add_argument("--sigma3", type=float, default=None,
+                   help="joint-tail margin: also flag the top sigma3 of rank(clip_rank - model_rank) as suspect "
+                        "(default 0.1; the paper's rule, --preset paper, is 0)")
     g = p.add_argument_group("guided retraining")
     g.add_argument("--preset", default=None, choices=["cgd", "paper"],
-                   help="retraining recipe: cgd (default: lr 0.003, unlearning floor 1e-4) or paper (the CGD paper's "
-                        "code: lr 0.01, no floor); "
+                   help="recipe: cgd (default: retraining lr 0.003, unlearning floor 1e-4, joint-tail separation "
+                        "sigma3 0.1) or paper (the CGD paper's code: lr 0.01, no floor, sigma3 0); "
                         "flags given explicitly win over the preset")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--max-batches", type=int, default=None)
@@ -115,6 +118,9 @@ def config_from_args(args: argparse.Namespace):
         preset = PRESETS[args.preset].to_dict()
         upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
                                             "tolerance", "unlearn", "unlearn_floor")})
+        from .separation import SEPARATION_PRESETS
+
+        upd["sigma3"] = SEPARATION_PRESETS[args.preset].sigma3
     for k, v in vars(args).items():
         if v is None or k not in names or k in ("classnames", "templates"):
             continue

@@ -77,6 +77,7 @@ class RunConfig:
     sigma1: float = 0.2
     sigma2: float = 0.1
     rank_mode: str = "global"
+    sigma3: float = 0.1  # joint tail of clip_rank - model_rank flagged suspect too (the paper: 0), see cgd.separation.separate
     # retraining
     epochs: int = 10
     max_batches: int = 200
@@ -106,7 +107,7 @@ class RunConfig:
                              precision=self.precision, seed=self.seed)
 
     def separation_config(self) -> SeparationConfig:
-        return SeparationConfig(self.sigma1, self.sigma2, self.rank_mode)
+        return SeparationConfig(self.sigma1, self.sigma2, self.rank_mode, self.sigma3)
 
     def resolved_pretrained(self) -> str | None:
         if self.checkpoint or not self.reference.startswith("clip:"):
@@ -552,7 +553,7 @@ def scores_table(run: RunDir, sep: SeparationConfig | None = None, overrides: di
     groups = y if sep.rank_mode == "per_class" else None
     clip_rank = rank_normalise(clip_nll, groups)
     model_rank = rank_normalise(model_nll, groups)
-    subset = separate(clip_rank, model_rank, sep.sigma1, sep.sigma2)
+    subset = separate(clip_rank, model_rank, sep.sigma1, sep.sigma2, sep.sigma3)
     if overrides is None:
         overrides = {int(k): int(v) for k, v in (read_json(run.path("overrides.json"), {}) or {}).items()}
     subset = apply_overrides(subset, overrides)
@@ -580,7 +581,10 @@ def scores_table(run: RunDir, sep: SeparationConfig | None = None, overrides: di
 def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
     cfg, run = ctx.cfg, ctx.run
     overrides = read_json(run.path("overrides.json"), {}) or {}
-    key = _key("separate", ref_key, susp_key, cfg.separation_config().to_dict(), overrides)
+    skey = cfg.separation_config().to_dict()
+    if not skey.get("sigma3"):  # the paper's rule: keep the keys of runs made before the option existed
+        skey.pop("sigma3", None)
+    key = _key("separate", ref_key, susp_key, skey, overrides)
     if run.stage_done("separate", key, ["scores.parquet", "separation.json"]):
         return key
     t0 = time.perf_counter()
@@ -715,6 +719,7 @@ def export_indices(run: RunDir, out_dir: str | Path | None = None) -> dict[str, 
     prov = {"tool": f"cgd {__version__}", "created": utcnow(), "run": str(run.root),
             "dataset": info.get("dataset", {}).get("spec"), "dataset_fingerprint": info.get("dataset", {}).get("fingerprint"),
             "sigma1": sep.get("config", {}).get("sigma1"), "sigma2": sep.get("config", {}).get("sigma2"),
+            "sigma3": sep.get("config", {}).get("sigma3", 0.0),
             "rank_mode": sep.get("config", {}).get("rank_mode"), "manual_overrides": sep.get("overrides", 0),
             "reference": info.get("reference", {}).get("model") or info.get("reference", {}).get("checkpoint"),
             "reference_pretrained": info.get("reference", {}).get("pretrained"), "seed": cfg.get("seed"),

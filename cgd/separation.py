@@ -7,7 +7,9 @@ Score -> rank -> flag -> order, NumPy in and out:
   learnt unusually fast (any poison).
 * :func:`rank_normalise` — ranks in (0, 1] (rank / N, ascending; ties share their average rank),
   globally or within each given class.
-* :func:`separate` — the CGD rule with ``sigma1`` / ``sigma2``.
+* :func:`separate` — the CGD rule with ``sigma1`` / ``sigma2``, plus (``sigma3``) the tail of the
+  joint rank of ``clip_rank - model_rank``, which catches poisons that are suspicious on both axes
+  without being in either axis's own tail.
 * :func:`oversample_per_class` — clean indices repeated per class to the largest class, seeded.
 * :func:`detection_metrics`, :func:`auroc`, :func:`roc_curve`, :func:`threshold_sweep`.
 """
@@ -19,7 +21,7 @@ import numpy as np
 
 __all__ = [
     "UNUSED", "CLEAN", "SUSPECT", "SUBSET_NAMES",
-    "SeparationConfig",
+    "SeparationConfig", "SEPARATION_PRESETS",
     "label_nll",
     "rank_normalise",
     "separate",
@@ -38,7 +40,8 @@ SUBSET_NAMES = {UNUSED: "unused", CLEAN: "clean", SUSPECT: "suspect"}
 
 @dataclass(frozen=True)
 class SeparationConfig:
-    """sigma1: clean-subset margin; sigma2: suspect-subset margin (both fractions in [0, 1)).
+    """sigma1: clean-subset margin; sigma2: suspect-subset margin; sigma3: joint-tail margin (all
+    fractions in [0, 1); sigma3 = 0 is the paper's rule, see :func:`separate`).
 
     rank_mode: ``"global"`` (the paper) or ``"per_class"`` (ranks within each given label).
     """
@@ -46,9 +49,10 @@ class SeparationConfig:
     sigma1: float = 0.2
     sigma2: float = 0.1
     rank_mode: str = "global"
+    sigma3: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("sigma1", "sigma2"):
+        for name in ("sigma1", "sigma2", "sigma3"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
                 raise ValueError(f"{name} must lie in [0, 1), got {v!r}")
@@ -57,6 +61,12 @@ class SeparationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SEPARATION_PRESETS: dict[str, SeparationConfig] = {
+    "cgd": SeparationConfig(),  # this tool's defaults: the paper's sigmas plus the joint tail
+    "paper": SeparationConfig(sigma3=0.0),  # the CGD paper's rule
+}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -121,20 +131,31 @@ def rank_normalise(values: np.ndarray, groups: np.ndarray | None = None) -> np.n
     return out
 
 
-def separate(clip_rank: np.ndarray, model_rank: np.ndarray, sigma1: float = 0.2, sigma2: float = 0.1) -> np.ndarray:
-    """The CGD rule. Returns (N,) int8 subset codes: 1 clean, 2 suspect, 0 unused.
+def separate(clip_rank: np.ndarray, model_rank: np.ndarray, sigma1: float = 0.2, sigma2: float = 0.1,
+             sigma3: float = 0.1) -> np.ndarray:
+    """The CGD rule, with an optional joint tail. Returns (N,) int8 subset codes: 1 clean, 2 suspect, 0 unused.
 
     clean   = clip_rank <= 1 - sigma1  and  model_rank >= sigma1
     suspect = clip_rank >  1 - sigma2  or   model_rank <  sigma2   (wins where both hold)
+              or  joint_rank > 1 - sigma3,   joint_rank = rank_normalise(clip_rank - model_rank)
+
+    ``sigma3 = 0`` is the paper's rule. The joint tail flags samples that the reference finds
+    unlikely *and* the suspicious model learnt fast, though neither is in its axis's own top
+    ``sigma2``: on the defense benchmark (10,000 CIFAR-10 images, trusted-classifier reference)
+    sigma3 = 0.1 raised the suspect TPR for SSBA from 89.3 to 98.6 % and for low-frequency poisons
+    from 94.7 to 99.5 % while the FPR rose by at most 0.7 points (bench/README.md).
     """
-    SeparationConfig(sigma1, sigma2)  # validates
+    SeparationConfig(sigma1, sigma2, sigma3=sigma3)  # validates
     clip_rank = np.asarray(clip_rank, np.float64)
     model_rank = np.asarray(model_rank, np.float64)
     if clip_rank.shape != model_rank.shape or clip_rank.ndim != 1:
         raise ValueError(f"clip_rank and model_rank must be equal-length 1-D arrays, got {clip_rank.shape} and {model_rank.shape}")
     out = np.zeros(len(clip_rank), np.int8)
     out[(clip_rank <= 1.0 - sigma1) & (model_rank >= sigma1)] = CLEAN
-    out[(clip_rank > 1.0 - sigma2) | (model_rank < sigma2)] = SUSPECT
+    suspect = (clip_rank > 1.0 - sigma2) | (model_rank < sigma2)
+    if sigma3 > 0 and len(clip_rank):
+        suspect |= rank_normalise(clip_rank - model_rank) > 1.0 - sigma3
+    out[suspect] = SUSPECT
     return out
 
 
@@ -244,14 +265,14 @@ def detection_metrics(subset: np.ndarray, poison_mask: np.ndarray, clip_nll: np.
 
 
 def threshold_sweep(clip_rank: np.ndarray, model_rank: np.ndarray, poison_mask: np.ndarray | None = None,
-                    sigmas: np.ndarray | None = None, sigma2_ratio: float = 0.5) -> list[dict]:
+                    sigmas: np.ndarray | None = None, sigma2_ratio: float = 0.5, sigma3: float = 0.1) -> list[dict]:
     """Subset sizes (and detection rates when ground truth exists) over a grid of sigma1 values,
-    with sigma2 = sigma2_ratio * sigma1. One dict per grid point."""
+    with sigma2 = sigma2_ratio * sigma1 and a fixed sigma3. One dict per grid point."""
     sigmas = np.round(np.linspace(0.02, 0.5, 25), 4) if sigmas is None else np.asarray(sigmas)
     rows = []
     for s1 in sigmas:
         s2 = float(s1) * sigma2_ratio
-        sub = separate(clip_rank, model_rank, float(s1), s2)
+        sub = separate(clip_rank, model_rank, float(s1), s2, sigma3)
         row = {"sigma1": float(s1), "sigma2": s2, "clean": int((sub == CLEAN).sum()),
                "suspect": int((sub == SUSPECT).sum()), "unused": int((sub == UNUSED).sum())}
         if poison_mask is not None:

@@ -152,12 +152,13 @@ def _scatter(n: int, webgl: bool | None):
 
 def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray, sigma1: float, sigma2: float,
                 index: np.ndarray | None = None, hover: Sequence[str] | None = None, color_order: Sequence[str] | None = None,
-                webgl: bool | None = None, title: str = "Entropy map"):
+                webgl: bool | None = None, title: str = "Entropy map", sigma3: float = 0.0):
     """The 2-D map of CLIP rank (x) against suspicious-model rank (y), one trace per colour group,
     with the CGD threshold lines:
 
     * clean region: x <= 1 - sigma1 and y >= sigma1 (teal lines);
-    * suspect region: x > 1 - sigma2 or y < sigma2 (red lines, shaded).
+    * suspect region: x > 1 - sigma2 or y < sigma2 (red lines, shaded);
+    * joint tail (sigma3 > 0): x - y above its (1 - sigma3) quantile, a red dash-dot diagonal.
 
     clip_rank, model_rank: (N,) in (0, 1]. color: (N,) str group per point. index: (N,) sample
     indices (default arange) put in customdata. hover: optional (N,) str extra hover text.
@@ -191,6 +192,13 @@ def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray
     for v, col, dash, lab in ((sigma1, SUBSET_COLORS["clean"], "dash", "σ1"), (sigma2, SUBSET_COLORS["suspect"], "dot", "σ2")):
         fig.add_hline(y=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}", annotation=_ANN,
                       annotation_position="bottom left" if col == SUBSET_COLORS["suspect"] else "top left")
+    if sigma3 > 0 and n:
+        t = float(np.quantile(x - y, 1 - sigma3))  # suspect where x - y > t: right of the line x = y + t
+        y0, y1 = max(0.0, -t), min(1.0, 1.0 - t)
+        if y1 > y0:
+            fig.add_shape(type="line", x0=y0 + t, y0=y0, x1=y1 + t, y1=y1,
+                          line=dict(color=SUBSET_COLORS["suspect"], dash="dashdot", width=2))
+            fig.add_annotation(x=y1 + t, y=y1, text=f"σ3 = {sigma3:.2f}", showarrow=False, xanchor="right", yanchor="bottom", bgcolor=_ANN["bgcolor"], font=_ANN["font"])
     fig.update_layout(**_LAYOUT, title=_title(title), height=520, dragmode="lasso",
                       xaxis=dict(title="CLIP rank (high = CLIP disagrees with the label)", range=[-0.02, 1.02]),
                       yaxis=dict(title="suspicious-model rank (low = learnt fastest)", range=[-0.02, 1.02]))

@@ -39,6 +39,8 @@ HELP = {
     "sigma1": "σ1, clean margin: a sample is clean when CLIP rank ≤ 1 − σ1 and model rank ≥ σ1. Larger σ1 = smaller, purer clean subset.",
     "sigma2": "σ2, suspect margin: a sample is suspect when CLIP rank > 1 − σ2 or model rank < σ2. Larger σ2 = more samples flagged.",
     "rank_mode": "global: ranks over the whole set (the paper); per_class: ranks within each given label.",
+    "sigma3": "σ3, joint margin: a sample is also suspect when it is in the top σ3 of rank(CLIP rank − model rank), "
+              "i.e. fairly suspicious on both axes at once. 0 = the paper's rule.",
     "clean": "Clean subset: samples both axes agree look normal; retraining fits their labels.",
     "suspect": "Suspect subset: samples flagged as possibly poisoned; retraining distils the reference on them and unlearns their labels.",
     "unused": "Unused: neither clean nor suspect; left out of retraining.",
@@ -318,7 +320,8 @@ def select_run(path: str | os.PathLike | None) -> None:
     new = str(Path(path).resolve()) if path else None
     if st.session_state.get("run") != new:
         st.session_state["run"] = new
-        for k in ("sep_for", "sigma1", "sigma2", "rank_mode", "overrides", "selection", "w_sigma1", "w_sigma2", "w_rank_mode"):
+        for k in ("sep_for", "sigma1", "sigma2", "sigma3", "rank_mode", "overrides", "selection", "w_sigma1", "w_sigma2",
+                  "w_sigma3", "w_rank_mode"):
             st.session_state.pop(k, None)
 
 
@@ -371,7 +374,7 @@ def _scores(root: str, rank_mode: str, key: tuple):
 
     run = RunDir(root)
     cfg = RunConfig.from_dict(run.read_run().get("config", {}))
-    return scores_table(run, SeparationConfig(cfg.sigma1, cfg.sigma2, rank_mode), overrides={})
+    return scores_table(run, SeparationConfig(cfg.sigma1, cfg.sigma2, rank_mode, cfg.sigma3), overrides={})
 
 
 def scores(run, rank_mode: str = "global"):
@@ -436,16 +439,16 @@ def roc_curves(run, df, poison_mask: np.ndarray) -> list:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _sweep(root: str, key: tuple, rank_mode: str, ratio: float, _clip_rank, _model_rank, _poison_mask) -> list:
+def _sweep(root: str, key: tuple, rank_mode: str, ratio: float, sigma3: float, _clip_rank, _model_rank, _poison_mask) -> list:
     from cgd.separation import threshold_sweep
 
-    return threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio)
+    return threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio, sigma3=sigma3)
 
 
-def sweep(run, df, poison_mask, rank_mode: str, ratio: float) -> list[dict]:
-    """cgd.separation.threshold_sweep over sigma1, cached per run, rank mode and sigma2 ratio."""
-    return _sweep(str(run.root), _scores_key(run), rank_mode, round(float(ratio), 4), df["clip_rank"].to_numpy(),
-                  df["model_rank"].to_numpy(), poison_mask)
+def sweep(run, df, poison_mask, rank_mode: str, ratio: float, sigma3: float = 0.1) -> list[dict]:
+    """cgd.separation.threshold_sweep over sigma1, cached per run, rank mode, sigma2 ratio and sigma3."""
+    return _sweep(str(run.root), _scores_key(run), rank_mode, round(float(ratio), 4), round(float(sigma3), 4),
+                  df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), poison_mask)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -484,11 +487,12 @@ def run_config(run) -> dict:
 
 def init_separation_state(run) -> None:
     """Session sliders and overrides start from the run's saved separation."""
-    if st.session_state.get("sep_for") == str(run.root) and all(k in st.session_state for k in ("sigma1", "sigma2", "rank_mode")):
+    if st.session_state.get("sep_for") == str(run.root) and all(k in st.session_state for k in ("sigma1", "sigma2", "sigma3", "rank_mode")):
         return
     cfg = run_config(run)
     st.session_state["sigma1"] = float(cfg["sigma1"])
     st.session_state["sigma2"] = float(cfg["sigma2"])
+    st.session_state["sigma3"] = float(cfg["sigma3"])
     st.session_state["rank_mode"] = cfg["rank_mode"]
     try:
         st.session_state["overrides"] = run.read_overrides()
@@ -503,23 +507,25 @@ def saved_separation(run) -> dict:
         ov = run.read_overrides()
     except ValueError:
         ov = {}
-    return {"sigma1": float(cfg["sigma1"]), "sigma2": float(cfg["sigma2"]), "rank_mode": cfg["rank_mode"], "overrides": ov}
+    return {"sigma1": float(cfg["sigma1"]), "sigma2": float(cfg["sigma2"]), "sigma3": float(cfg["sigma3"]),
+            "rank_mode": cfg["rank_mode"], "overrides": ov}
 
 
 def unsaved_separation(run) -> bool:
     s = saved_separation(run)
     return (abs(s["sigma1"] - st.session_state.get("sigma1", s["sigma1"])) > 1e-9
             or abs(s["sigma2"] - st.session_state.get("sigma2", s["sigma2"])) > 1e-9
+            or abs(s["sigma3"] - st.session_state.get("sigma3", s["sigma3"])) > 1e-9
             or s["rank_mode"] != st.session_state.get("rank_mode", s["rank_mode"])
             or s["overrides"] != st.session_state.get("overrides", s["overrides"]))
 
 
 def current_subset(df) -> np.ndarray:
-    """(N,) subset codes at the session's sigma1/sigma2 with the session's manual overrides."""
+    """(N,) subset codes at the session's sigma1/sigma2/sigma3 with the session's manual overrides."""
     from cgd.separation import apply_overrides, separate
 
     sub = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), float(st.session_state["sigma1"]),
-                   float(st.session_state["sigma2"]))
+                   float(st.session_state["sigma2"]), float(st.session_state.get("sigma3", 0.0)))
     return apply_overrides(sub, st.session_state.get("overrides") or {})
 
 

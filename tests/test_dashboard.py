@@ -236,6 +236,12 @@ def test_separate_slider_changes_the_counts(dash):
     assert "σ2 = 0.30" in at.caption[0].value
     _page(at, "4_separate")
     assert at.slider(key="w_sigma2").value == pytest.approx(0.3)
+    # σ3 = 0 is the paper's rule: the joint tail's extra suspects go back to clean / unused
+    assert at.slider(key="w_sigma3").value == pytest.approx(0.1)
+    at.slider(key="w_sigma3").set_value(0.0).run()
+    assert not at.exception
+    paper = int((separate(cr, mr, 0.2, 0.3, 0.0) == 2).sum())
+    assert _int(_metric(at, "Suspect")) == paper <= after
 
 
 def test_separate_manual_moves_and_exports(dash, tmp_path):
@@ -271,6 +277,7 @@ def test_separate_manual_moves_and_exports(dash, tmp_path):
         doc = json.loads((run / "exports" / "suspect_indices.json").read_text())
         assert doc["indices"] == np.flatnonzero(sub == 2).tolist()
         assert doc["provenance"]["sigma1"] == pytest.approx(0.25) and doc["provenance"]["manual_overrides"] == 6
+        assert doc["provenance"]["sigma3"] == pytest.approx(0.1)
         clean = json.loads((run / "exports" / "clean_indices.json").read_text())
         assert clean["indices"] == np.flatnonzero(sub == 1).tolist()
         lines = (run / "exports" / "clean_indices.csv").read_text().splitlines()
@@ -353,6 +360,11 @@ def test_viz_figures_carry_thresholds_and_indices(dash):
     xs = sorted(round(s.x0, 3) for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1)
     ys = sorted(round(s.y0, 3) for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1)
     assert xs == [0.8, 0.9] and ys == [0.1, 0.2]
+    diag = [s for s in viz.entropy_map(x, y, np.where(x > 0.5, "suspect", "clean"), 0.2, 0.1, sigma3=0.1).layout.shapes
+            if s.type == "line" and s.x0 != s.x1 and s.y0 != s.y1]
+    assert len(diag) == 1  # the joint-tail boundary: the line x - y = t with 10 % of the points to its lower right
+    t = diag[0].x0 - diag[0].y0
+    assert diag[0].x1 - diag[0].y1 == pytest.approx(t) and np.mean(x - y > t) == pytest.approx(0.1, abs=0.021)
     got = sorted(int(v[0]) for tr in fig.data for v in tr.customdata)
     assert got == list(range(100, 150))
     sel = {"points": [{"customdata": [105]}, {"customdata": {"0": 101}}, {"x": 1}]}  # the browser sends both forms

@@ -159,3 +159,5 @@ def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
     assert cfg().retrain_config().unlearn_floor == RetrainConfig().unlearn_floor == 1e-4
     assert cfg("--preset", "paper").retrain_config().unlearn_floor == 0.0  # the paper's unbounded term
     assert cfg("--preset", "paper", "--unlearn-floor", "0.05").retrain_config().unlearn_floor == 0.05
+    assert cfg().separation_config().sigma3 == 0.1 and cfg("--preset", "paper").separation_config().sigma3 == 0.0
+    assert cfg("--preset", "paper", "--sigma3", "0.2").separation_config().sigma3 == 0.2

@@ -51,7 +51,7 @@ def test_rank_normalise_per_class():
 def test_separate_rule_by_hand():
     clip_rank = np.array([0.10, 0.80, 0.85, 0.95, 0.50, 0.50, 0.50])
     model_rank = np.array([0.50, 0.50, 0.50, 0.50, 0.05, 0.15, 0.20])
-    sub = separate(clip_rank, model_rank, sigma1=0.2, sigma2=0.1)
+    sub = separate(clip_rank, model_rank, sigma1=0.2, sigma2=0.1, sigma3=0.0)
     # 0: clean; 1: clip 0.80 <= 0.8 -> clean; 2: clip 0.85 > 0.8 not clean, not > 0.9 -> unused;
     # 3: clip 0.95 > 0.9 -> suspect; 4: model 0.05 < 0.1 -> suspect; 5: 0.1 <= 0.15 < 0.2 -> unused;
     # 6: model 0.20 >= 0.2 -> clean
@@ -62,6 +62,34 @@ def test_separate_suspect_wins_when_sigmas_overlap():
     # sigma2 > sigma1 lets both rules fire; the sample must be suspect
     sub = separate(np.array([0.75]), np.array([0.5]), sigma1=0.1, sigma2=0.3)
     assert sub.tolist() == [SUSPECT]
+
+
+def test_joint_tail_flags_samples_suspicious_on_both_axes():
+    """sigma3: the top sigma3 of rank(clip_rank - model_rank) is suspect too; sigma3 = 0 is the paper's rule."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    clip_rank = rng.permutation(n) / n + 1 / n
+    model_rank = rng.permutation(n) / n + 1 / n
+    both = np.arange(20)  # in neither axis's own top 10 %, but high on one and low on the other
+    clip_rank[both], model_rank[both] = 0.85, 0.15
+    paper = separate(clip_rank, model_rank, 0.2, 0.1, sigma3=0.0)
+    joint = separate(clip_rank, model_rank, 0.2, 0.1, sigma3=0.1)
+    assert (paper[both] == UNUSED).all() and (joint[both] == SUSPECT).all()
+    # the joint tail only adds suspects: every paper suspect stays one, clean samples can only turn suspect
+    assert (joint[paper == SUSPECT] == SUSPECT).all()
+    changed = paper != joint
+    assert (joint[changed] == SUSPECT).all()
+    jr = rank_normalise(clip_rank - model_rank)
+    assert ((jr > 0.9) <= (joint == SUSPECT)).all()
+    assert changed.sum() <= int(0.1 * n)
+    with pytest.raises(ValueError, match="sigma3"):
+        separate(clip_rank, model_rank, 0.2, 0.1, sigma3=1.0)
+
+
+def test_separation_presets():
+    from cgd.separation import SEPARATION_PRESETS
+
+    assert SEPARATION_PRESETS["paper"].sigma3 == 0.0 and SEPARATION_PRESETS["cgd"].sigma3 == SeparationConfig().sigma3 > 0
 
 
 def test_separation_config_validates():

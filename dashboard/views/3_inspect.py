@@ -26,9 +26,9 @@ subset = c.current_subset(df)
 sub_names = c.subset_names(subset)
 has_gt = train.poison_mask is not None
 truth = viz.truth_labels(train.poison_mask) if has_gt else None
-s1, s2 = float(st.session_state["sigma1"]), float(st.session_state["sigma2"])
+s1, s2, s3 = float(st.session_state["sigma1"]), float(st.session_state["sigma2"]), float(st.session_state["sigma3"])
 
-st.caption(f"Run **{run.root.name}** · {c.fmt_int(len(df))} training samples · σ1 = {s1:.2f}, σ2 = {s2:.2f} "
+st.caption(f"Run **{run.root.name}** · {c.fmt_int(len(df))} training samples · σ1 = {s1:.2f}, σ2 = {s2:.2f}, σ3 = {s3:.2f} "
            f"({rank_mode} ranks) · tune them on the Separate page.")
 m = st.columns(4 if has_gt else 3)
 for i, name in enumerate(("clean", "suspect", "unused")):
@@ -83,9 +83,10 @@ with tabs[1]:
     col = {"subset": sub_names, "ground truth": truth, "given label": np.array(classes)[df["label"].to_numpy()]}[by or "subset"]
     order = {"subset": ["clean", "suspect", "unused"], "ground truth": ["clean", "poisoned"]}.get(by or "subset", list(classes))
     fig = viz.entropy_map(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), col, s1, s2, hover=hover_text(np.arange(len(df))),
-                          color_order=order)
+                          color_order=order, sigma3=s3)
     ev = st.plotly_chart(fig, width="stretch", key="insp_map", on_select="rerun", selection_mode=("box", "lasso"))
-    st.caption(f"{c.HELP['clip_rank']} {c.HELP['model_rank']} Dashed teal: clean bounds (σ1); dotted red: suspect bounds (σ2). "
+    st.caption(f"{c.HELP['clip_rank']} {c.HELP['model_rank']} Dashed teal: clean bounds (σ1); dotted red: suspect bounds (σ2); "
+               "dash-dot red diagonal: the joint tail (σ3), suspect to its lower right. "
                + ("WebGL rendering for large sets." if len(df) > viz.WEBGL_THRESHOLD else ""))
     show_selection(viz.selected_indices(ev.get("selection") if ev else None), "entropy map")
 

@@ -36,15 +36,17 @@ def _sync(name: str) -> None:  # widget state is dropped on other pages: keep th
     st.session_state[name] = st.session_state[f"w_{name}"]
 
 
-a, b, r = st.columns([2, 2, 1])
+a, b, j, r = st.columns([2, 2, 2, 1])
 a.slider("σ1 · clean margin", 0.0, 0.5, value=float(st.session_state["sigma1"]), step=0.01, key="w_sigma1",
          help=c.HELP["sigma1"], format="%.2f", on_change=_sync, args=("sigma1",))
 b.slider("σ2 · suspect margin", 0.0, 0.5, value=float(st.session_state["sigma2"]), step=0.01, key="w_sigma2",
          help=c.HELP["sigma2"], format="%.2f", on_change=_sync, args=("sigma2",))
+j.slider("σ3 · joint margin", 0.0, 0.5, value=float(st.session_state["sigma3"]), step=0.01, key="w_sigma3",
+         help=c.HELP["sigma3"], format="%.2f", on_change=_sync, args=("sigma3",))
 modes = ["global", "per_class"]
 r.selectbox("Rank mode", modes, index=modes.index(st.session_state["rank_mode"]), key="w_rank_mode", help=c.HELP["rank_mode"],
             on_change=_sync, args=("rank_mode",))
-s1, s2 = float(st.session_state["sigma1"]), float(st.session_state["sigma2"])
+s1, s2, s3 = float(st.session_state["sigma1"]), float(st.session_state["sigma2"]), float(st.session_state["sigma3"])
 subset = c.current_subset(df)
 saved = c.saved_separation(run)
 from cgd.separation import apply_overrides, separate  # noqa: E402
@@ -52,7 +54,7 @@ from cgd.separation import apply_overrides, separate  # noqa: E402
 saved_subset = None
 if saved["rank_mode"] == st.session_state["rank_mode"]:
     saved_subset = apply_overrides(separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), saved["sigma1"],
-                                            saved["sigma2"]), saved["overrides"])
+                                            saved["sigma2"], saved["sigma3"]), saved["overrides"])
 
 cols = st.columns(4)
 for i, name in enumerate(("clean", "suspect", "unused")):
@@ -71,6 +73,7 @@ sv1, sv2 = st.columns([3, 2], vertical_alignment="center")
 with sv1:
     if unsaved:
         st.warning(f"Unsaved: the run still holds σ1 = {saved['sigma1']:.2f}, σ2 = {saved['sigma2']:.2f}, "
+                   f"σ3 = {saved['sigma3']:.2f}, "
                    f"{saved['rank_mode']} ranks and {len(saved['overrides'])} manual moves. Save to use these settings "
                    "for exports and retraining.", icon=":material/save:")
     else:
@@ -86,7 +89,8 @@ with sv2:
 
                 raise RunLockedError(f"a job is running on {run.root.name}; wait for it or stop it first")
             run.save_overrides(st.session_state.get("overrides") or {})
-            ok = c.start_job(run, "export", config={"sigma1": s1, "sigma2": s2, "rank_mode": st.session_state["rank_mode"]},
+            ok = c.start_job(run, "export", config={"sigma1": s1, "sigma2": s2, "sigma3": s3,
+                                                          "rank_mode": st.session_state["rank_mode"]},
                              label="saving the separation", pre=[jobs.cgd_command("separate", run)],
                              phase="separating")
         if ok:
@@ -129,8 +133,8 @@ with t_det:
 
 with t_sweep:
     ratio = s2 / s1 if s1 > 0 else 0.5
-    rows = c.sweep(run, df, train.poison_mask if has_gt else None, st.session_state["rank_mode"], min(ratio, 1.0))
-    st.plotly_chart(viz.sweep_figure(rows, s1, title=f"Threshold sweep (σ2 = {min(ratio, 1.0):.2f} × σ1, without manual moves)"),
+    rows = c.sweep(run, df, train.poison_mask if has_gt else None, st.session_state["rank_mode"], min(ratio, 1.0), s3)
+    st.plotly_chart(viz.sweep_figure(rows, s1, title=f"Threshold sweep (σ2 = {min(ratio, 1.0):.2f} × σ1, σ3 = {s3:.2f}, without manual moves)"),
                     width="stretch", key="sep_sweep")
 
 with t_manual:
@@ -173,7 +177,7 @@ with t_manual:
         st.session_state["overrides"] = ov
         st.rerun()
     if ov:
-        rule = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), s1, s2)
+        rule = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), s1, s2, s3)
         ot = pd.DataFrame({"index": list(ov), "label": [classes[int(df["label"].iat[i])] for i in ov],
                            "rule says": [c.CODE_NAMES[int(rule[i])] for i in ov], "moved to": [c.CODE_NAMES[v] for v in ov.values()]})
         st.dataframe(ot, hide_index=True, width="stretch", key="sep_ov_table")
@@ -211,7 +215,7 @@ if prov is None:
     st.info("No exports yet: press **Save separation and exports** above.", icon=":material/info:")
 else:
     st.caption(f"Exports written {prov.get('created', '?')} with σ1 = {prov.get('sigma1')}, σ2 = {prov.get('sigma2')}, "
-               f"{prov.get('rank_mode')} ranks, {prov.get('manual_overrides', 0)} manual moves"
+               f"σ3 = {prov.get('sigma3', 0.0)}, {prov.get('rank_mode')} ranks, {prov.get('manual_overrides', 0)} manual moves"
                + (" — differs from the sliders above; save to update." if unsaved else "."))
 
     def reader(p):
