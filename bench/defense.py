@@ -113,7 +113,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
                     sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode, sigma3=_sigma3(args),
                     epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn,
-                    unlearn_floor=_preset(args).unlearn_floor)
+                    unlearn_floor=_preset(args).unlearn_floor, patience=_preset(args).patience)
     t0 = time.perf_counter()
     info = run_pipeline(cfg, progress_bars=False)
     wall = time.perf_counter() - t0
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank-mode", default="global", choices=["global", "per_class"])
     p.add_argument("--sigma3", type=float, default=None, help="joint-tail margin (default: the preset's, cgd 0.1, paper 0)")
     p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
-                   help="retraining recipe: cgd (lr 0.003, unlearning floor 1e-4) or paper (lr 0.01, no floor); the other stages are shared, so a "
+                   help="recipe: cgd (lr 0.003, unlearning floor 1e-4, patience 2, sigma3 0.1) or paper (lr 0.01, no floor, patience 1, sigma3 0); the other stages are shared, so a "
                         "second run with the other preset and the same --out retrains only")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-batches", type=int, default=200)
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
 
     header = (f"cgd defense benchmark — arch {args.arch}, device {args.device}, reference {args.reference}, "
               f"subset {args.subset or 'full'}, victim {args.victim_epochs} ep, suspicious {args.suspicious_runs}x{args.suspicious_epochs} ep, "
-              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}, unlearning floor {_preset(args).unlearn_floor}), sigma1/2/3 {args.sigma1}/{args.sigma2}/{_sigma3(args)} ({args.rank_mode}), "
+              f"retrain {args.epochs} ep x {args.max_batches} batches ({args.preset} preset, lr {_preset(args).lr}, unlearning floor {_preset(args).unlearn_floor}, patience {_preset(args).patience}), sigma1/2/3 {args.sigma1}/{args.sigma2}/{_sigma3(args)} ({args.rank_mode}), "
               f"seeds {args.seeds}, torch {torch.__version__}")
     print(write_tables(aggregate(rows), rows, out, header))
     print(f"wrote {out / 'defense.md'} and {out / 'defense.csv'}")

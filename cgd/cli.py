@@ -66,8 +66,9 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
                         "(default 0.1; the paper's rule, --preset paper, is 0)")
     g = p.add_argument_group("guided retraining")
     g.add_argument("--preset", default=None, choices=["cgd", "paper"],
-                   help="recipe: cgd (default: retraining lr 0.003, unlearning floor 1e-4, joint-tail separation "
-                        "sigma3 0.1) or paper (the CGD paper's code: lr 0.01, no floor, sigma3 0); "
+                   help="recipe: cgd (default: retraining lr 0.003, unlearning floor 1e-4, early-stop patience 2, "
+                        "joint-tail separation sigma3 0.1) or paper (the CGD paper's code: lr 0.01, no floor, "
+                        "patience 1, sigma3 0); "
                         "flags given explicitly win over the preset")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--max-batches", type=int, default=None)
@@ -75,7 +76,10 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--alpha", type=float, default=None)
     g.add_argument("--beta", type=float, default=None)
     g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--tolerance", type=float, default=None)
+    g.add_argument("--tolerance", type=float, default=None, help="CA points below the best epoch that count as a drop")
+    g.add_argument("--patience", type=int, default=None,
+                   help="epochs in a row with a CA drop before the early stop restores the last good weights "
+                        "(default 2; the paper's recipe, --preset paper, stops at the first)")
     g.add_argument("--unlearn", default=None, choices=["log_p", "log_1mp"],
                    help="unlearning term on suspect samples: log_p = the paper's beta * log p(label) (unbounded), "
                         "log_1mp = beta * -log(1 - p(label)) (bounded, fades once the label is unlikely)")
@@ -117,7 +121,7 @@ def config_from_args(args: argparse.Namespace):
 
         preset = PRESETS[args.preset].to_dict()
         upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
-                                            "tolerance", "unlearn", "unlearn_floor")})
+                                            "tolerance", "patience", "unlearn", "unlearn_floor")})
         from .separation import SEPARATION_PRESETS
 
         upd["sigma3"] = SEPARATION_PRESETS[args.preset].sigma3

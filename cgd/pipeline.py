@@ -86,6 +86,7 @@ class RunConfig:
     beta: float = 0.025
     temperature: float = 3.0
     tolerance: float = 1.0
+    patience: int = 2  # epochs in a row below best CA - tolerance before the early stop (the paper: 1)
     unlearn: str = "log_p"  # "log_p" (paper) | "log_1mp" (bounded), see cgd.retrain.guided_losses
     unlearn_floor: float = 1e-4  # log_p: stop unlearning a sample once p(label) < floor (the paper: 0)
     batch_size: int = 256
@@ -103,6 +104,7 @@ class RunConfig:
 
         return RetrainConfig(epochs=self.epochs, max_batches=self.max_batches, batch_size=self.batch_size, lr=self.lr,
                              temperature=self.temperature, alpha=self.alpha, beta=self.beta, tolerance=self.tolerance,
+                             patience=self.patience,
                              unlearn=self.unlearn, unlearn_floor=self.unlearn_floor,
                              precision=self.precision, seed=self.seed)
 
@@ -629,6 +631,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
         rkey.pop("unlearn")
     if not rkey.get("unlearn_floor"):  # likewise for the floor option (0 = off)
         rkey.pop("unlearn_floor", None)
+    if rkey.get("patience") == 1:  # and for the paper's one-epoch early stop
+        rkey.pop("patience")
     key = _key("retrain", sep_key, victim_key, rkey)
     if run.stage_done("retrain", key, ["models/repaired.safetensors", "metrics.csv"]):
         return key
@@ -655,7 +659,9 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
         resume = {"model": {k[6:]: v for k, v in flat.items() if k.startswith("model.")},
                   "optimizer": torch.load(state_dir / "optimizer.pt", weights_only=True),
                   "scheduler": st_meta["scheduler"], "gen_cpu": flat["gen_cpu"], "gen_dev": flat["gen_dev"],
-                  "epoch": st_meta["epoch"], "best_ca": st_meta["best_ca"], "best_epoch": st_meta["best_epoch"]}
+                  "epoch": st_meta["epoch"], "best_ca": st_meta["best_ca"], "best_epoch": st_meta["best_epoch"],
+                  "streak": st_meta.get("streak", 0),
+                  "good": {k[5:]: v for k, v in flat.items() if k.startswith("good.")} or None}
         rows = st_meta["rows"]
         ctx.emit({"kind": "note", "message": f"resuming retraining after epoch {st_meta['epoch']}"})
     rep = ctx.reporter("retrain", cfg.epochs, "epoch")
@@ -680,6 +686,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
             if "state" in ev:
                 s = ev["state"]
                 flat = {f"model.{k}": v.contiguous() for k, v in s["model"].items()}
+                if s.get("good") is not None:  # mid-streak: the weights an early stop would restore
+                    flat.update({f"good.{k}": v.contiguous() for k, v in s["good"].items()})
                 flat["gen_cpu"], flat["gen_dev"] = s["gen_cpu"], s["gen_dev"].cpu()
                 state_dir.mkdir(parents=True, exist_ok=True)
                 tmp = state_dir / "state.tmp.safetensors"
@@ -688,7 +696,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
                 torch.save(s["optimizer"], state_dir / "optimizer.tmp.pt")
                 (state_dir / "optimizer.tmp.pt").replace(state_dir / "optimizer.pt")
                 write_json(state_dir / "state.json", {"key": key, "epoch": s["epoch"], "best_ca": s["best_ca"],
-                                                      "best_epoch": s["best_epoch"], "scheduler": s["scheduler"], "rows": rows,
+                                                      "best_epoch": s["best_epoch"], "streak": s.get("streak", 0), "scheduler": s["scheduler"], "rows": rows,
                                                       "batch_rows": batch_rows})
                 ctx.check_stop()
         if ev["kind"] == "done":

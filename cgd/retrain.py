@@ -7,9 +7,9 @@ Per batch, drawn from the (oversampled) clean subset and the suspect subset toge
   ``+ beta * mean(log p_student(given label))`` — distillation from the reference (CLIP) logits
   plus an unlearning term that lowers the probability of the given, possibly poisoned, label.
 
-SGD with a cosine schedule; after each epoch CA/ASR/RA are measured, and when CA falls more than
-``tolerance`` points below the best retraining epoch the previous epoch's weights are restored and
-training stops. :func:`guided_retrain` is a generator of events, so a UI can draw live curves and
+SGD with a cosine schedule; after each epoch CA/ASR/RA are measured, and when CA stays more than
+``tolerance`` points below the best retraining epoch for ``patience`` epochs in a row (or at the
+last epoch), the weights of the last epoch within tolerance are restored and training stops. :func:`guided_retrain` is a generator of events, so a UI can draw live curves and
 stop it by closing the generator.
 """
 from __future__ import annotations
@@ -45,6 +45,9 @@ class RetrainConfig:
     runs: Blended CA +0.20 / +0.22 / +0.10 with ASR 0.42 / 0.09 / 0.02; Input-aware CA +0.06 / +0.02 /
     -0.12 with ASR 6.1 / 2.8 / 1.2 (no floor: -1.32, ASR 0.18). 1e-4 is the lowest floor measured
     that keeps CA, and the one that removes the backdoor in both (bench/README.md).
+    And ``patience`` 2 instead of 1: CA wobbles by 1-2 points in the first epochs after the switch
+    from the victim's optimiser to SGD, and a one-epoch dip stopped BadNets at epoch 3 of 10 with
+    ASR still at 6.1 % (it recovers by the next epoch in the other runs).
     ``PRESETS["paper"]`` is the paper's exact recipe.
     """
 
@@ -58,6 +61,7 @@ class RetrainConfig:
     alpha: float = 5e-4
     beta: float = 0.025
     tolerance: float = 1.0  # CA points
+    patience: int = 2  # epochs in a row below best CA - tolerance before stopping (the paper: 1)
     unlearn: str = "log_p"  # "log_p" (paper: beta * mean log p(label), unbounded) | "log_1mp" (beta * mean -log(1 - p(label)), bounded)
     unlearn_floor: float = 1e-4  # log_p only: a suspect sample stops pushing once p(label) < floor (0 = never: the paper)
     augment: bool = True
@@ -72,7 +76,7 @@ class RetrainConfig:
 
 PRESETS: dict[str, RetrainConfig] = {
     "cgd": RetrainConfig(),  # this tool's defaults
-    "paper": RetrainConfig(lr=0.01, unlearn_floor=0.0),  # the CGD paper's code: SGD lr 0.01, unbounded log p unlearning
+    "paper": RetrainConfig(lr=0.01, unlearn_floor=0.0, patience=1),  # the CGD paper's code: SGD lr 0.01, unbounded log p unlearning
 }
 
 
@@ -146,6 +150,10 @@ def guided_retrain(
       as ``resume`` to continue from there with identical results);
     * ``{"kind": "done", "best_epoch", "stopped_early", "final": {...}}``.
 
+    An epoch whose CA is more than ``tolerance`` below the best so far starts a streak; training
+    goes on from it, and at ``patience`` such epochs in a row (or when the last epoch ends a streak)
+    the weights after the last epoch within tolerance are restored and ``early_stop`` is set.
+
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
     """
@@ -174,8 +182,8 @@ def guided_retrain(
 
     if resume is None:
         m0 = evaluate(model)
-        start_epoch, best_ca, best_epoch = 1, -math.inf, 0
-        prev_state = _state_cpu(model)
+        start_epoch, best_ca, best_epoch, streak = 1, -math.inf, 0, 0
+        good_state = _state_cpu(model)
         history = [{"kind": "epoch", "epoch": 0, **m0, "loss": float("nan"), "ce": float("nan"),
                     "kl": float("nan"), "unlearn": float("nan"), "lr": cfg.lr, "seconds": 0.0, "early_stop": False}]
         yield history[0]
@@ -186,7 +194,8 @@ def guided_retrain(
         gen_cpu.set_state(resume["gen_cpu"])
         gen_dev.set_state(resume["gen_dev"].to(gen_dev.get_state().device) if dev.type != "cuda" else resume["gen_dev"])
         start_epoch, best_ca, best_epoch = resume["epoch"] + 1, resume["best_ca"], resume["best_epoch"]
-        prev_state = _state_cpu(model)
+        streak = int(resume.get("streak", 0))
+        good_state = resume["good"] if streak and resume.get("good") is not None else _state_cpu(model)
 
     stopped = False
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -220,17 +229,22 @@ def guided_retrain(
         ev = {"kind": "epoch", "epoch": epoch, **m, **{k if k != "total" else "loss": float(v) / max(nb, 1) for k, v in sums.items()},
               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "early_stop": False}
         if epoch > 1 and m["ca"] < best_ca - cfg.tolerance:
-            model.load_state_dict(prev_state)
-            ev["early_stop"] = True
-            stopped = True
-            yield ev
-            break
-        if m["ca"] > best_ca:
-            best_ca, best_epoch = m["ca"], epoch
-        prev_state = _state_cpu(model)
-        ev["state"] = {"model": prev_state, "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": sched.state_dict(),
-                       "gen_cpu": gen_cpu.get_state(), "gen_dev": gen_dev.get_state(), "epoch": epoch,
-                       "best_ca": best_ca, "best_epoch": best_epoch}
+            streak += 1
+            if streak >= max(1, cfg.patience) or epoch == cfg.epochs:
+                model.load_state_dict(good_state)
+                ev["early_stop"] = True
+                stopped = True
+                yield ev
+                break
+        else:
+            streak = 0
+            if m["ca"] > best_ca:
+                best_ca, best_epoch = m["ca"], epoch
+            good_state = _state_cpu(model)
+        ev["state"] = {"model": good_state if not streak else _state_cpu(model), "optimizer": copy.deepcopy(opt.state_dict()),
+                       "scheduler": sched.state_dict(), "gen_cpu": gen_cpu.get_state(), "gen_dev": gen_dev.get_state(),
+                       "epoch": epoch, "best_ca": best_ca, "best_epoch": best_epoch, "streak": streak,
+                       "good": good_state if streak else None}
         yield ev
     model.eval()
     yield {"kind": "done", "best_epoch": best_epoch, "stopped_early": stopped, "final": evaluate(model)}

@@ -57,6 +57,8 @@ HELP = {
     "lr": "Learning rate of SGD (momentum 0.9, cosine schedule).",
     "alpha": "α: weight of the distillation term KL(reference ‖ model) on suspect samples.",
     "beta": "β: weight of the unlearning term (mean log-probability of the suspect samples' given labels).",
+    "patience": "Epochs in a row with CA more than the tolerance below the best epoch before training stops and the "
+                "last good weights are restored. 1 = the paper's recipe; 2 rides out the dip of the first epochs.",
     "unlearn_floor": "A suspect sample stops pushing its label down once the model gives that label less than this "
                      "probability. 0 = never (the paper's recipe); 1e-4 keeps the unlearning from eroding clean features "
                      "after the backdoor is gone.",

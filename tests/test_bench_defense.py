@@ -64,3 +64,29 @@ def test_render_merges_folders_newest_row_wins(defense, tmp_path):
     (b / "rows.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match="rows.jsonl:1"):
         defense.main(["--render", str(b), "--out", str(tmp_path / "m2")])
+
+
+SHARED = ROOT.parent / "shared" / "assets"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.xz").is_file(), reason="needs ../shared/assets/cifar10-jpeg.tar.xz")
+def test_defense_quick_end_to_end(tmp_path):
+    """`bench/defense.py --quick` on real CIFAR-10 images: a clean row and a BadNets row, both tables written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "defense"
+    proc = subprocess.run([sys.executable, "bench/defense.py", "--quick", "--subset", "600", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["attack"] for r in rows] == ["none (clean)", "badnets"]
+    bad = rows[1]
+    assert bad["asr_before"] > bad["asr_after"] and 0 <= bad["det_tpr"] <= 100 and bad["targets"]
+    assert 0 <= bad["asr_clean_model"] <= 100 and math.isnan(rows[0]["asr_clean_model"])
+    assert bad["seconds"] == pytest.approx(sum(v for k, v in bad.items() if k.startswith("t_")), rel=1e-6)
+    md = (out / "defense.md").read_text()
+    assert "| cifar10 | badnets | classifier |" in md and "sigma1/2/3 0.2/0.1/0.1" in md

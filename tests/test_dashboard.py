@@ -300,6 +300,7 @@ def test_retrain_page_shows_curves_summary_and_checkpoint(dash):
     assert len(at.get("plotly_chart")) == 2  # CA/ASR/RA and loss
     assert at.button(key="rt_start").disabled is False and at.button(key="rt_stop").disabled is True
     assert at.number_input(key="rt_epochs").value == 1
+    assert at.number_input(key="rt_patience").value == json.loads((dash.run / "run.json").read_text())["config"].get("patience", 1)
     assert at.number_input(key="rt_floor").value == json.loads((dash.run / "run.json").read_text())["config"].get("unlearn_floor", 1e-4)
     assert len(at.get("download_button")) == 2  # repaired checkpoint and its metadata
 

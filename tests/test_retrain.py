@@ -144,7 +144,7 @@ def test_early_stop_restores_previous_weights():
         return {"ca": next(cas), "asr": 0.0, "ra": 0.0}
 
     m = build_model("small-cnn", 3, width=8)
-    cfg = RetrainConfig(epochs=5, max_batches=1, batch_size=64, precision="fp32", tolerance=1.0)
+    cfg = RetrainConfig(epochs=5, max_batches=1, batch_size=64, precision="fp32", tolerance=1.0, patience=1)  # the paper's stop
     evs = list(guided_retrain(m, x, y, np.arange(200), np.arange(200, 240), ref, evaluate, cfg, "cpu"))
     ep = [e for e in evs if e["kind"] == "epoch"]
     assert ep[-1]["epoch"] == 2 and ep[-1]["early_stop"]
@@ -152,6 +152,68 @@ def test_early_stop_restores_previous_weights():
     after_epoch1 = snaps[1]
     for k, v in m.state_dict().items():
         assert torch.equal(v, after_epoch1[k]), k
+
+
+def _scripted(cas):
+    """An evaluate() that returns the given CAs in call order and records the weights it saw."""
+    it, snaps = iter(cas), []
+
+    def evaluate(m):
+        snaps.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"ca": next(it), "asr": 0.0, "ra": 0.0}
+    return evaluate, snaps
+
+
+def test_patience_rides_out_a_one_epoch_dip_and_stops_on_a_lasting_drop():
+    x, y = _toy()
+    ref = np.eye(3)[y] * 5.0
+    cfg = RetrainConfig(epochs=6, max_batches=1, batch_size=64, precision="fp32", tolerance=1.0, patience=2)
+    # before, ep1 80, ep2 dip 70 (streak 1), ep3 back to 80, ep4 70, ep5 70 -> stop, restore ep3; final
+    evaluate, snaps = _scripted([80.0, 80.0, 70.0, 80.0, 70.0, 70.0, 80.0])
+    m = build_model("small-cnn", 3, width=8)
+    evs = list(guided_retrain(m, x, y, np.arange(200), np.arange(200, 240), ref, evaluate, cfg, "cpu"))
+    ep = [e for e in evs if e["kind"] == "epoch"]
+    assert [e["epoch"] for e in ep] == [0, 1, 2, 3, 4, 5] and [e["early_stop"] for e in ep] == [False] * 5 + [True]
+    assert evs[-1]["stopped_early"] and evs[-1]["best_epoch"] == 1
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, snaps[3][k]), k  # the weights after epoch 3, the last within tolerance
+    # a streak still open at the last epoch also restores the last good weights
+    evaluate, snaps = _scripted([80.0, 80.0, 80.0, 70.0, 80.0])
+    m = build_model("small-cnn", 3, width=8)
+    evs = list(guided_retrain(m, x, y, np.arange(200), np.arange(200, 240), ref, evaluate,
+                              RetrainConfig(epochs=3, max_batches=1, batch_size=64, precision="fp32", patience=2), "cpu"))
+    assert evs[-1]["stopped_early"] and [e["early_stop"] for e in evs if e["kind"] == "epoch"][-1]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, snaps[2][k]), k
+
+
+def test_resume_in_the_middle_of_a_streak_matches_an_uninterrupted_run():
+    x, y = _toy()
+    ref = np.eye(3)[y] * 5.0
+    cfg = RetrainConfig(epochs=5, max_batches=2, batch_size=64, precision="fp32", tolerance=1.0, patience=3)
+    cas = [80.0, 80.0, 70.0, 70.0, 70.0, 99.0]  # ep2-4 below -> stop at 4, restore ep1
+
+    torch.manual_seed(0)
+    full = build_model("small-cnn", 3, width=8)
+    ev_full, _ = _scripted(cas)
+    evs = list(guided_retrain(full, x, y, np.arange(200), np.arange(200, 240), ref, ev_full, cfg, "cpu"))
+    assert evs[-1]["stopped_early"]
+    torch.manual_seed(0)
+    part = build_model("small-cnn", 3, width=8)
+    ev_part, _ = _scripted(cas)
+    state = None
+    for ev in guided_retrain(part, x, y, np.arange(200), np.arange(200, 240), ref, ev_part, cfg, "cpu"):
+        if ev["kind"] == "epoch" and ev["epoch"] == 3:
+            state = ev["state"]
+            break
+    assert state["streak"] == 2 and state["good"] is not None
+    torch.manual_seed(1)
+    resumed = build_model("small-cnn", 3, width=8)
+    ev_rest, _ = _scripted(cas[4:])
+    rest = list(guided_retrain(resumed, x, y, np.arange(200), np.arange(200, 240), ref, ev_rest, cfg, "cpu", resume=state))
+    assert [e["epoch"] for e in rest if e["kind"] == "epoch"] == [4] and rest[-1]["stopped_early"]
+    for (k1, v1), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(v1, v2), k1
 
 
 def test_retrain_rejects_mismatched_reference():

@@ -60,6 +60,8 @@ with st.expander("Hyperparameters", expanded=not run.has("metrics.csv")):
     h = st.columns(4)
     floor = h[0].number_input("Unlearning floor", 0.0, 0.99, float(cfg.get("unlearn_floor", 0.0)), format="%.3g",
                               key="rt_floor", help=c.HELP["unlearn_floor"], disabled=busy)
+    patience = h[1].number_input("Patience (epochs)", 1, 100, int(cfg.get("patience", 1)), key="rt_patience",
+                                 help=c.HELP["patience"], disabled=busy)
     if not run.has("models/victim.safetensors"):
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
@@ -69,7 +71,7 @@ if b1.button("Start retraining", type="primary", icon=":material/play_arrow:", d
              help="Runs `cgd retrain` on this run in the background; an interrupted retraining resumes after its last epoch."):
     hp = {"epochs": int(epochs), "lr": float(lr), "alpha": float(alpha), "beta": float(beta), "temperature": float(temp),
           "tolerance": float(tol), "max_batches": int(maxb), "batch_size": int(bs),
-          "unlearn_floor": float(floor)}
+          "unlearn_floor": float(floor), "patience": int(patience)}
     if c.start_job(run, "retrain", config=hp, label="retraining"):
         st.rerun()
 if b2.button("Stop", icon=":material/stop_circle:", disabled=not busy, key="rt_stop",
