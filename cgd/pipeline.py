@@ -134,6 +134,16 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Options added after runs existed, with the value that reproduces the behaviour from before they did
+# (the paper's): a config at that value leaves the option out of its stage key, so older run folders
+# keep their keys and are not recomputed.
+_PRE_OPTION_VALUES = {"unlearn": "log_p", "unlearn_floor": 0.0, "patience": 1, "sigma3": 0.0}
+
+
+def _config_key(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not (k in _PRE_OPTION_VALUES and v == _PRE_OPTION_VALUES[k])}
+
+
 def _file_sig(path: str | None) -> Any:
     if not path:
         return None
@@ -583,10 +593,7 @@ def scores_table(run: RunDir, sep: SeparationConfig | None = None, overrides: di
 def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
     cfg, run = ctx.cfg, ctx.run
     overrides = read_json(run.path("overrides.json"), {}) or {}
-    skey = cfg.separation_config().to_dict()
-    if not skey.get("sigma3"):  # the paper's rule: keep the keys of runs made before the option existed
-        skey.pop("sigma3", None)
-    key = _key("separate", ref_key, susp_key, skey, overrides)
+    key = _key("separate", ref_key, susp_key, _config_key(cfg.separation_config().to_dict()), overrides)
     if run.stage_done("separate", key, ["scores.parquet", "separation.json"]):
         return key
     t0 = time.perf_counter()
@@ -626,14 +633,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
     cfg, run = ctx.cfg, ctx.run
     rcfg = cfg.retrain_config()
-    rkey = rcfg.to_dict()
-    if rkey.get("unlearn") == "log_p":  # the paper's term: keep the keys of runs made before the option existed
-        rkey.pop("unlearn")
-    if not rkey.get("unlearn_floor"):  # likewise for the floor option (0 = off)
-        rkey.pop("unlearn_floor", None)
-    if rkey.get("patience") == 1:  # and for the paper's one-epoch early stop
-        rkey.pop("patience")
-    key = _key("retrain", sep_key, victim_key, rkey)
+    key = _key("retrain", sep_key, victim_key, _config_key(rcfg.to_dict()))
     if run.stage_done("retrain", key, ["models/repaired.safetensors", "metrics.csv"]):
         return key
     t0 = time.perf_counter()

@@ -97,6 +97,8 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     ``unlearn_floor`` (log_p only, a probability in [0, 1)): log p(label) is clamped at log(floor), so
     a suspect sample whose label is already below ``floor`` adds a constant and no gradient.
     """
+    if not 0.0 <= unlearn_floor < 1.0:
+        raise ValueError(f"unlearn_floor must be in [0, 1), got {unlearn_floor}")
     # Masked sums instead of boolean indexing and ``.any()``: the same maths without a
     # device->host synchronisation per batch (on a GPU those stall the launch queue).
     student = student.float()
@@ -119,8 +121,6 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
         per = torch.logsumexp(student, dim=1) - torch.logsumexp(others, dim=1)  # -log(1 - p(label)) >= 0
     else:
         raise ValueError(f"unlearn must be 'log_p' or 'log_1mp', got {unlearn!r}")
-    if not 0.0 <= unlearn_floor < 1.0:
-        raise ValueError(f"unlearn_floor must be in [0, 1), got {unlearn_floor}")
     term = torch.where(susp, per, 0.0).sum() / n_susp
     return {"total": ce + alpha * kl + beta * term, "ce": ce, "kl": kl, "unlearn": term}
 

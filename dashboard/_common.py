@@ -447,7 +447,7 @@ def _sweep(root: str, key: tuple, rank_mode: str, ratio: float, sigma3: float, _
     return threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio, sigma3=sigma3)
 
 
-def sweep(run, df, poison_mask, rank_mode: str, ratio: float, sigma3: float = 0.1) -> list[dict]:
+def sweep(run, df, poison_mask, rank_mode: str, ratio: float, sigma3: float) -> list[dict]:
     """cgd.separation.threshold_sweep over sigma1, cached per run, rank mode, sigma2 ratio and sigma3."""
     return _sweep(str(run.root), _scores_key(run), rank_mode, round(float(ratio), 4), round(float(sigma3), 4),
                   df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), poison_mask)
@@ -515,9 +515,7 @@ def saved_separation(run) -> dict:
 
 def unsaved_separation(run) -> bool:
     s = saved_separation(run)
-    return (abs(s["sigma1"] - st.session_state.get("sigma1", s["sigma1"])) > 1e-9
-            or abs(s["sigma2"] - st.session_state.get("sigma2", s["sigma2"])) > 1e-9
-            or abs(s["sigma3"] - st.session_state.get("sigma3", s["sigma3"])) > 1e-9
+    return (any(abs(s[k] - st.session_state.get(k, s[k])) > 1e-9 for k in ("sigma1", "sigma2", "sigma3"))
             or s["rank_mode"] != st.session_state.get("rank_mode", s["rank_mode"])
             or s["overrides"] != st.session_state.get("overrides", s["overrides"]))
 
@@ -527,7 +525,7 @@ def current_subset(df) -> np.ndarray:
     from cgd.separation import apply_overrides, separate
 
     sub = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), float(st.session_state["sigma1"]),
-                   float(st.session_state["sigma2"]), float(st.session_state.get("sigma3", 0.0)))
+                   float(st.session_state["sigma2"]), float(st.session_state["sigma3"]))
     return apply_overrides(sub, st.session_state.get("overrides") or {})
 
 
