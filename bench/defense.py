@@ -113,7 +113,8 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
                     sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode, sigma3=_sigma3(args),
                     epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn,
-                    unlearn_floor=_preset(args).unlearn_floor, patience=_preset(args).patience)
+                    unlearn_floor=_preset(args).unlearn_floor, patience=_preset(args).patience,
+                    min_batches=_preset(args).min_batches, tolerance_se=_preset(args).tolerance_se)
     t0 = time.perf_counter()
     info = run_pipeline(cfg, progress_bars=False)
     wall = time.perf_counter() - t0
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--attacks", default="all", help="comma list, 'all', plus the clean row unless --no-clean")
     p.add_argument("--no-clean", action="store_true")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--arch", default="small-cnn", choices=["small-cnn", "preact-resnet18"])
+    p.add_argument("--arch", default="small-cnn", choices=["small-cnn", "tiny-cnn", "preact-resnet18"])
     p.add_argument("--device", default="auto")
     p.add_argument("--subset", type=int, default=None, help="first N per split after a seeded shuffle")
     p.add_argument("--poison-rate", type=float, default=0.1)

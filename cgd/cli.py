@@ -52,7 +52,7 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--chunk-size", type=int, default=None, help="images per saved scoring chunk (a killed job resumes from the last one)")
     g = p.add_argument_group("models")
     g.add_argument("--model", default=None, help="checkpoint of the model to repair (default: train one on the data)")
-    g.add_argument("--arch", default=None, choices=["preact-resnet18", "small-cnn"])
+    g.add_argument("--arch", default=None, choices=["preact-resnet18", "small-cnn", "tiny-cnn"])
     g.add_argument("--train-epochs", type=int, default=None, help="epochs for the model trained when --model is absent")
     g.add_argument("--suspicious", default=None, choices=["train", "victim"], help="train fresh suspicious models (paper) or use the model to repair")
     g.add_argument("--suspicious-runs", type=int, default=None)
@@ -121,7 +121,7 @@ def config_from_args(args: argparse.Namespace):
 
         preset = PRESETS[args.preset].to_dict()
         upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
-                                            "tolerance", "patience", "unlearn", "unlearn_floor")})
+                                            "tolerance", "patience", "unlearn", "unlearn_floor", "min_batches", "tolerance_se")})
         from .separation import SEPARATION_PRESETS
 
         upd["sigma3"] = SEPARATION_PRESETS[args.preset].sigma3
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="train", choices=["train", "test"])
     t.add_argument("--trusted-fraction", type=float, default=None,
                    help="train on a seeded random fraction F of the split only (recorded, and kept out of evaluation by `cgd run`)")
-    t.add_argument("--arch", default="small-cnn", choices=["preact-resnet18", "small-cnn"])
+    t.add_argument("--arch", default="small-cnn", choices=["preact-resnet18", "small-cnn", "tiny-cnn"])
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,7 @@ penultimate (B, D) features, ``forward(x)`` the (B, K) logits.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -123,6 +124,7 @@ class SmallCNN(nn.Module):
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "preact-resnet18": PreActResNet18,
     "small-cnn": SmallCNN,
+    "tiny-cnn": functools.partial(SmallCNN, width=32),
 }
 
 

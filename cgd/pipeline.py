@@ -69,6 +69,7 @@ class RunConfig:
     arch: str = "preact-resnet18"
     train_epochs: int = 20
     train_lr: float = 1e-3
+    train_batch_size: int = 256
     # suspicious model
     suspicious: str = "train"  # "train" (the paper) or "victim" (use the model to repair's logits)
     suspicious_runs: int = 3
@@ -81,6 +82,8 @@ class RunConfig:
     # retraining
     epochs: int = 10
     max_batches: int = 200
+    min_batches: int = 60  # retraining batches per epoch at least: small sets are cycled (the paper: 0)
+    tolerance_se: float = 1.5  # early stop: tolerance widened to this many standard errors of CA (the paper: 0)
     lr: float = 0.003  # the paper uses 0.01 (`--preset paper`); see cgd.retrain.RetrainConfig
     alpha: float = 5e-4
     beta: float = 0.025
@@ -102,7 +105,7 @@ class RunConfig:
     def retrain_config(self):
         from .retrain import RetrainConfig
 
-        return RetrainConfig(epochs=self.epochs, max_batches=self.max_batches, batch_size=self.batch_size, lr=self.lr,
+        return RetrainConfig(epochs=self.epochs, max_batches=self.max_batches, min_batches=self.min_batches, tolerance_se=self.tolerance_se, batch_size=self.batch_size, lr=self.lr,
                              temperature=self.temperature, alpha=self.alpha, beta=self.beta, tolerance=self.tolerance,
                              patience=self.patience,
                              unlearn=self.unlearn, unlearn_floor=self.unlearn_floor,
@@ -137,7 +140,8 @@ def _key(*parts: Any) -> str:
 # Options added after runs existed, with the value that reproduces the behaviour from before they did
 # (the paper's): a config at that value leaves the option out of its stage key, so older run folders
 # keep their keys and are not recomputed.
-_PRE_OPTION_VALUES = {"unlearn": "log_p", "unlearn_floor": 0.0, "patience": 1, "sigma3": 0.0}
+_PRE_OPTION_VALUES = {"unlearn": "log_p", "unlearn_floor": 0.0, "patience": 1, "sigma3": 0.0, "min_batches": 0,
+                      "tolerance_se": 0.0}
 
 
 def _config_key(cfg: dict) -> dict:
@@ -329,10 +333,10 @@ def _stage_data(ctx: _Ctx) -> str:
     return key
 
 
-def _train_cfg(cfg: RunConfig, epochs: int, lr: float, seed: int, schedule: str = "cosine"):
+def _train_cfg(cfg: RunConfig, epochs: int, lr: float, seed: int, schedule: str = "cosine", batch_size: int = 256):
     from .train import TrainConfig
 
-    return TrainConfig(epochs=epochs, lr=lr, batch_size=256, weight_decay=5e-4, optimizer="adam", schedule=schedule,
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=5e-4, optimizer="adam", schedule=schedule,
                        precision=cfg.precision, seed=seed)
 
 
@@ -343,7 +347,8 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
 
     cfg, run = ctx.cfg, ctx.run
     key = _key("victim", data_key, cfg.model and _file_sig(cfg.model), cfg.arch, cfg.train_epochs, cfg.train_lr, cfg.seed,
-               None if cfg.model else cfg.precision)
+               None if cfg.model else cfg.precision,
+               *((("train_batch_size", cfg.train_batch_size),) if cfg.train_batch_size != 256 else ()))
     if run.stage_done("victim", key, ["models/victim.safetensors"]):
         return key
     t0 = time.perf_counter()
@@ -358,7 +363,7 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
         arch = cfg.arch
         model = build_model(arch, d.train.num_classes)
         rep = ctx.reporter("victim", cfg.train_epochs, "epoch")
-        train_classifier(model, d.train.images, d.train.labels, _train_cfg(cfg, cfg.train_epochs, cfg.train_lr, cfg.seed),
+        train_classifier(model, d.train.images, d.train.labels, _train_cfg(cfg, cfg.train_epochs, cfg.train_lr, cfg.seed, batch_size=cfg.train_batch_size),
                          ctx.device, on_epoch=lambda s: (rep(s["epoch"]), ctx.check_stop()))
         rep.close()
         source = {"trained": {"arch": arch, "epochs": cfg.train_epochs, "lr": cfg.train_lr}}

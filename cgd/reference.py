@@ -183,7 +183,7 @@ class ClipReference:
         self.pretrained = pretrained
         self.checkpoint = str(checkpoint) if checkpoint else None
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, "matmul_infer")
         self.batch_size = int(batch_size)
         self.classnames = list(classnames)
         self.templates = list(templates)

@@ -53,6 +53,7 @@ class RetrainConfig:
 
     epochs: int = 10
     max_batches: int = 200  # per epoch
+    min_batches: int = 60  # per epoch: small sets are cycled through more than once to reach it (the paper: 0)
     batch_size: int = 256
     lr: float = 0.003
     momentum: float = 0.9
@@ -61,6 +62,7 @@ class RetrainConfig:
     alpha: float = 5e-4
     beta: float = 0.025
     tolerance: float = 1.0  # CA points
+    tolerance_se: float = 1.5  # widen the tolerance to this many standard errors of the CA estimate (the paper: 0 = fixed)
     patience: int = 2  # epochs in a row below best CA - tolerance before stopping (the paper: 1)
     unlearn: str = "log_p"  # "log_p" (paper: beta * mean log p(label), unbounded) | "log_1mp" (beta * mean -log(1 - p(label)), bounded)
     unlearn_floor: float = 1e-4  # log_p only: a suspect sample stops pushing once p(label) < floor (0 = never: the paper)
@@ -76,7 +78,7 @@ class RetrainConfig:
 
 PRESETS: dict[str, RetrainConfig] = {
     "cgd": RetrainConfig(),  # this tool's defaults
-    "paper": RetrainConfig(lr=0.01, unlearn_floor=0.0, patience=1),  # the CGD paper's code: SGD lr 0.01, unbounded log p unlearning
+    "paper": RetrainConfig(lr=0.01, unlearn_floor=0.0, patience=1, min_batches=0, tolerance_se=0.0),  # the CGD paper's code: SGD lr 0.01, unbounded log p unlearning
 }
 
 
@@ -125,6 +127,15 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     return {"total": ce + alpha * kl + beta * term, "ce": ce, "kl": kl, "unlearn": term}
 
 
+def drop_tolerance(cfg: RetrainConfig, best_ca: float, n_test: int | None) -> float:
+    """CA points below the best epoch that count as a real drop: ``tolerance``, widened to
+    ``tolerance_se`` standard errors of a CA measured on ``n_test`` images when that is larger."""
+    if not cfg.tolerance_se or not n_test or not math.isfinite(best_ca):
+        return cfg.tolerance
+    p = min(max(best_ca / 100.0, 0.0), 1.0)
+    return max(cfg.tolerance, cfg.tolerance_se * 100.0 * math.sqrt(p * (1 - p) / n_test))
+
+
 def _state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -171,7 +182,8 @@ def guided_retrain(
     pool = torch.as_tensor(np.concatenate([clean_idx, suspect_idx]), device=dev)
     is_susp = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(len(suspect_idx), dtype=torch.bool)]).to(dev)
     n = len(pool)
-    steps = min(cfg.max_batches, math.ceil(n / cfg.batch_size))
+    steps = min(cfg.max_batches, max(cfg.min_batches, math.ceil(n / cfg.batch_size)))
+    passes = math.ceil(steps * cfg.batch_size / n)  # > 1 only when min_batches asks for more than one pass
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -203,7 +215,7 @@ def guided_retrain(
         t0 = time.perf_counter()
         sums = {k: torch.zeros((), device=dev) for k in ("total", "ce", "kl", "unlearn")}
         nb = 0
-        perm = torch.randperm(n, generator=gen_cpu).to(dev)
+        perm = torch.cat([torch.randperm(n, generator=gen_cpu) for _ in range(passes)]).to(dev)
         for b in range(steps):
             sel = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             idx = pool[sel]
@@ -228,7 +240,7 @@ def guided_retrain(
         m = evaluate(model)
         ev = {"kind": "epoch", "epoch": epoch, **m, **{k if k != "total" else "loss": float(v) / max(nb, 1) for k, v in sums.items()},
               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "early_stop": False}
-        if epoch > 1 and m["ca"] < best_ca - cfg.tolerance:
+        if epoch > 1 and m["ca"] < best_ca - drop_tolerance(cfg, best_ca, m.get("n_test")):
             streak += 1
             if streak >= max(1, cfg.patience) or epoch == cfg.epochs:
                 model.load_state_dict(good_state)
