@@ -106,7 +106,7 @@ def _preset(args):
 def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, work: Path) -> dict:
     spec = dataset_spec(dataset)
     out = work / f"{dataset}-{attack or 'clean'}-s{seed}"
-    cfg = RunConfig(data=spec, out=str(out), device=args.device, seed=seed, subset=args.subset,
+    cfg = RunConfig.from_flat(data=spec, out=str(out), device=args.device, seed=seed, subset=args.subset,
                     attack=attack, poison_rate=args.poison_rate, target=0,
                     reference=ref_spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,

@@ -25,68 +25,37 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="dataset spec KIND:PATH (cifar10, cifar100, gtsrb, tinyimagenet, imagefolder, npz, backdoorbench)")
-    g.add_argument("--out", required=True, help="run folder")
-    g.add_argument("--device", default=None, help="cpu | cuda | auto (default auto)")
-    g.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"], help="compute precision (default auto: bf16 where fast)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--subset", type=int, default=None, help="use the first N samples per split after a seeded shuffle")
-    g.add_argument("--data-root", default=None,
-                   help="backdoorbench records: folder of the clean dataset the attack used (default $CGD_DATA_ROOT, else the record's data_path)")
-    g.add_argument("--on-bad-files", default=None, choices=["skip", "error"],
-                   help="imagefolder: skip non-image files (counted in the run's dataset notes; default) or stop with an error")
-    g = p.add_argument_group("attack simulator (for demos and benchmarks)")
-    g.add_argument("--attack", default=None, help="poison the loaded clean set first (cgd attack --list)")
-    g.add_argument("--poison-rate", type=float, default=None)
-    g.add_argument("--target", type=int, default=None)
-    g.add_argument("--attack-param", action="append", default=None, metavar="KEY=VALUE", help="attack parameter (repeatable)")
-    g = p.add_argument_group("reference")
-    g.add_argument("--reference", default=None, help="clip:MODEL (open_clip name) or classifier:CHECKPOINT")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the model's usual tag; 'none' = random weights)")
-    g.add_argument("--checkpoint", default=None, help="local CLIP weights file (offline use)")
-    g.add_argument("--clip-config", default=None, help="open_clip model config JSON to register (custom architectures)")
-    g.add_argument("--classnames", default=None, help="file with one class name per line, for the prompts")
-    g.add_argument("--templates", default=None, help="file with one prompt template per line, each containing {}")
-    g.add_argument("--score-batch-size", type=int, default=None)
-    g.add_argument("--chunk-size", type=int, default=None, help="images per saved scoring chunk (a killed job resumes from the last one)")
-    g = p.add_argument_group("models")
-    g.add_argument("--model", default=None, help="checkpoint of the model to repair (default: train one on the data)")
-    g.add_argument("--arch", default=None, choices=["preact-resnet18", "small-cnn", "tiny-cnn"])
-    g.add_argument("--train-epochs", type=int, default=None, help="epochs for the model trained when --model is absent")
-    g.add_argument("--suspicious", default=None, choices=["train", "victim"], help="train fresh suspicious models (paper) or use the model to repair")
-    g.add_argument("--suspicious-runs", type=int, default=None)
-    g.add_argument("--suspicious-epochs", type=int, default=None)
-    g = p.add_argument_group("separation")
-    g.add_argument("--sigma1", type=float, default=None)
-    g.add_argument("--sigma2", type=float, default=None)
-    g.add_argument("--rank-mode", default=None, choices=["global", "per_class"])
-    g.add_argument("--sigma3", type=float, default=None,
-                   help="joint-tail margin: also flag the top sigma3 of rank(clip_rank - model_rank) as suspect "
-                        "(default 0.1; the paper's rule, --preset paper, is 0)")
-    g = p.add_argument_group("guided retraining")
-    g.add_argument("--preset", default=None, choices=["cgd", "paper"],
-                   help="recipe: cgd (default: retraining lr 0.003, unlearning floor 1e-4, early-stop patience 2, "
-                        "joint-tail separation sigma3 0.1) or paper (the CGD paper's code: lr 0.01, no floor, "
-                        "patience 1, sigma3 0); "
+    """One flag per user-settable leaf of the config tree (cgd.config), grouped by section; defaults,
+    help and choices come from the fields. Every flag defaults to None: "not given", so the run's
+    recorded configuration (or the preset) decides."""
+    from .config import PRESETS, flat_fields
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in flat_fields():
+        if f.cli is None:
+            continue
+        g = groups.get(f.section) or groups.setdefault(f.section, p.add_argument_group(f.section))
+        default = "" if f.default in (None, "", {}) else f" (default: {f.default})"
+        kw: dict[str, Any] = {"default": None, "help": f.help + default, "dest": f.name}
+        if f.cli == "lines":
+            kw["metavar"] = "FILE"
+        elif f.cli == "key=value":
+            kw.update(action="append", metavar=f.metavar or "KEY=VALUE")
+        else:
+            if f.choices:
+                kw["choices"] = list(f.choices)
+            if f.kind.startswith(("int", "float")):
+                kw["type"] = int if f.kind.startswith("int") else float
+            if f.metavar:
+                kw["metavar"] = f.metavar
+        if f.name == "data":
+            kw["required"] = required
+        g.add_argument(f.flag, **kw)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="recipe: cgd (default: this tool's measured defaults) or paper (the CGD paper's code: retraining lr "
+                        "0.01, no unlearning floor, no minimum batch count, a fixed 1-point tolerance, patience 1, sigma3 0); "
                         "flags given explicitly win over the preset")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--max-batches", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--alpha", type=float, default=None)
-    g.add_argument("--beta", type=float, default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--tolerance", type=float, default=None, help="CA points below the best epoch that count as a drop")
-    g.add_argument("--patience", type=int, default=None,
-                   help="epochs in a row with a CA drop before the early stop restores the last good weights "
-                        "(default 2; the paper's recipe, --preset paper, stops at the first)")
-    g.add_argument("--unlearn", default=None, choices=["log_p", "log_1mp"],
-                   help="unlearning term on suspect samples: log_p = the paper's beta * log p(label) (unbounded), "
-                        "log_1mp = beta * -log(1 - p(label)) (bounded, fades once the label is unlikely)")
-    g.add_argument("--unlearn-floor", type=float, default=None,
-                   help="log_p only: a suspect sample stops pushing its label down once p(label) is below this "
-                        "probability (default 1e-4; the paper's recipe, --preset paper, uses 0 = never)")
-    g.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
@@ -108,37 +77,31 @@ def _lines(path: str | None) -> list[str] | None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """A RunConfig: the run folder's recorded config (if any) overridden by the given flags."""
-    from .pipeline import RunConfig
+    """A RunConfig: the run folder's recorded config (if any), then the preset, then the given flags."""
+    from .config import ConfigError, RunConfig, apply_preset, flat_fields
     from .runs import RunDir
 
     run = RunDir(args.out)
     base = RunConfig.from_dict(run.read_run().get("config", {})) if run.exists() else RunConfig()
-    upd = {}
-    names = {f.name for f in fields(RunConfig)}
     if getattr(args, "preset", None):
-        from .retrain import PRESETS
-
-        preset = PRESETS[args.preset].to_dict()
-        upd.update({k: preset[k] for k in ("epochs", "max_batches", "batch_size", "lr", "temperature", "alpha", "beta",
-                                            "tolerance", "patience", "unlearn", "unlearn_floor", "min_batches", "tolerance_se")})
-        from .separation import SEPARATION_PRESETS
-
-        upd["sigma3"] = SEPARATION_PRESETS[args.preset].sigma3
-    for k, v in vars(args).items():
-        if v is None or k not in names or k in ("classnames", "templates"):
+        base = apply_preset(base, args.preset)
+    upd: dict[str, Any] = {}
+    for f in flat_fields():
+        v = getattr(args, f.name, None)
+        if v is None:
             continue
-        upd[k] = v
-    if getattr(args, "attack_param", None):
-        upd["attack_params"] = {kv.split("=", 1)[0]: _parse_value(kv.split("=", 1)[1]) for kv in args.attack_param if "=" in kv}
-    if getattr(args, "classnames", None):
-        upd["classnames"] = _lines(args.classnames)
-    if getattr(args, "templates", None):
-        upd["templates"] = _lines(args.templates)
-    cfg = RunConfig.from_dict({**base.to_dict(), **upd})
-    cfg.out = str(args.out)
+        if f.cli == "lines":
+            v = _lines(v)
+        elif f.cli == "key=value":
+            bad = [kv for kv in v if "=" not in kv]
+            if bad:
+                raise ConfigError(f"{f.flag}: expected KEY=VALUE, got {bad[0]!r}")
+            v = {kv.split("=", 1)[0]: _parse_value(kv.split("=", 1)[1]) for kv in v}
+        upd[f.name] = v
+    cfg = base.updated({**upd, "out": str(args.out)})
     if not cfg.data:
         raise SystemExit(f"cgd: --data is required (no run with a recorded dataset at {args.out})")
+    cfg.check()
     return cfg
 
 
@@ -157,9 +120,12 @@ def _printer(quiet: bool):
                         f", poisons in clean {det['poison_in_clean']}, AUROC clip {det.get('auroc_clip', float('nan')):.3f}"
                         f" model {det.get('auroc_model', float('nan')):.3f}")
             print(msg, file=sys.stderr)
+        elif kind == "verdict":
+            print(f"verdict: {ev['summary']}", file=sys.stderr)
         elif kind == "epoch":
             print(f"retrain epoch {ev['epoch']:>2}: loss {ev['loss']:.4f}  CA {ev['ca']:.2f}  ASR {ev['asr']:.2f}  RA {ev['ra']:.2f}"
-                  + ("  (early stop: CA dropped, previous weights restored)" if ev.get("early_stop") else ""), file=sys.stderr)
+                  + (f"  (early stop: CA dropped, weights of epoch {ev.get('restored_epoch')} restored)"
+                     if ev.get("early_stop") else ""), file=sys.stderr)
     return emit
 
 
@@ -174,6 +140,9 @@ def print_summary(info: dict, file=sys.stdout) -> None:
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)), file=file)
+    v = info.get("verdict")
+    if v:
+        print(f"\nverdict: {v.get('summary', '')}", file=file)
     s = info.get("summary")
     if s:
         b, a = s.get("before") or {}, s.get("after") or {}
@@ -181,7 +150,18 @@ def print_summary(info: dict, file=sys.stdout) -> None:
         if b:
             print(f"before  {b['ca']:6.2f}  {b['asr']:6.2f}  {b['ra']:6.2f}", file=file)
         print(f"after   {a['ca']:6.2f}  {a['asr']:6.2f}  {a['ra']:6.2f}", file=file)
+        kept = s.get("kept_epoch")
+        if kept is not None:
+            print(f"after = epoch {kept} of {s.get('epochs')}" + (" (weights restored after a CA drop" + (
+                f"; stopped after epoch {s.get('epochs_run')})" if s.get("stopped_early") else ")") if s.get("restored") else ""),
+                file=file)
         print(f"clean subset {s['clean_size']} (oversampled to {s['clean_oversampled']}), suspect subset {s['suspect_size']}", file=file)
+        o = s.get("outcome")
+        if o:
+            print(f"\n{'' if o.get('ok') else 'WARNING: '}{o['message']}", file=file)
+            print(f"checkpoint: {o['label']}", file=file)
+            for tip in o.get("suggestions") or []:
+                print(f"  try: {tip}", file=file)
 
 
 def _cmd_pipeline(args: argparse.Namespace, stages: Sequence[str]) -> int:
@@ -259,7 +239,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .pipeline import export_indices
+    from .export import export_indices
     from .runs import RunDir
 
     run = RunDir(args.out)
@@ -309,7 +289,21 @@ def _cmd_umap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .score_cache import cache_main
+
+    return cache_main(list(args.cache_args))
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(list(args.serve_args))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ARCHITECTURES
+
     p = argparse.ArgumentParser(prog="cgd", description="Audit a training set for backdoor poisoning and repair the model (CLIP-Guided Defense).")
     from . import __version__
 
@@ -333,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="train", choices=["train", "test"])
     t.add_argument("--trusted-fraction", type=float, default=None,
                    help="train on a seeded random fraction F of the split only (recorded, and kept out of evaluation by `cgd run`)")
-    t.add_argument("--arch", default="small-cnn", choices=["preact-resnet18", "small-cnn", "tiny-cnn"])
+    t.add_argument("--arch", default="small-cnn", choices=list(ARCHITECTURES))
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
@@ -356,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--force", action="store_true", help="recompute even when a cached map is current")
     u.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("cache", help="the shared reference-score cache: `cgd cache ls`, `cgd cache clear [KEY...]`",
+                       add_help=False)
+    c.add_argument("cache_args", nargs=argparse.REMAINDER)
+    d = sub.add_parser("dashboard", help="serve the dashboard on this machine (loopback only unless --allow-remote)",
+                       add_help=False)
+    d.add_argument("serve_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd in STAGES_FOR:
             return _cmd_pipeline(args, STAGES_FOR[args.cmd])
         return {"attack": _cmd_attack, "train": _cmd_train, "export": _cmd_export, "status": _cmd_status,
-                "stop": _cmd_stop, "umap": _cmd_umap}[args.cmd](args)
+                "stop": _cmd_stop, "umap": _cmd_umap, "cache": _cmd_cache, "dashboard": _cmd_dashboard}[args.cmd](args)
     except (DatasetError, CheckpointError, ReferenceError, RunLockedError, OSError, ValueError) as e:
         msg = " ".join(str(e).split("\n"))  # one line, whatever the underlying library said
         print(f"cgd: error: {msg}", file=sys.stderr)

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ARCHITECTURES as ARCHITECTURE_NAMES
+
 __all__ = [
     "ARCHITECTURES",
     "build_model",
@@ -121,11 +123,13 @@ class SmallCNN(nn.Module):
         return self.linear(self.features(x))
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
     "preact-resnet18": PreActResNet18,
     "small-cnn": SmallCNN,
     "tiny-cnn": functools.partial(SmallCNN, width=32),
 }
+# the names (and their descriptions) live in cgd.config, which the CLI and the pages read without torch
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {name: _CONSTRUCTORS[name] for name in ARCHITECTURE_NAMES}
 
 
 def build_model(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -7,17 +7,19 @@ Per batch, drawn from the (oversampled) clean subset and the suspect subset toge
   ``+ beta * mean(log p_student(given label))`` — distillation from the reference (CLIP) logits
   plus an unlearning term that lowers the probability of the given, possibly poisoned, label.
 
-SGD with a cosine schedule; after each epoch CA/ASR/RA are measured, and when CA stays more than
-``tolerance`` points below the best retraining epoch for ``patience`` epochs in a row (or at the
-last epoch), the weights of the last epoch within tolerance are restored and training stops. :func:`guided_retrain` is a generator of events, so a UI can draw live curves and
-stop it by closing the generator.
+SGD with a cosine schedule over epochs of ``min_batches`` to ``max_batches`` batches; after each
+epoch CA/ASR/RA are measured, and when CA stays below the best retraining epoch by more than the
+drop tolerance for ``patience`` epochs in a row (or at the last epoch), the weights of the last
+epoch within tolerance are restored and training stops. :func:`guided_retrain` is a generator of
+events, so a UI can draw live curves and stop it by closing the generator. :class:`RetrainState`
+keeps a run's retraining resumable.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -25,67 +27,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import PRESETS as _PRESETS
+from .config import RetrainConfig, apply_preset
 from .device import autocast, resolve_device, resolve_precision
 from .train import augment_batch, to_device_u8, u8_to_float
 
-__all__ = ["RetrainConfig", "guided_losses", "guided_retrain", "PRESETS"]
+__all__ = ["RetrainConfig", "guided_losses", "guided_retrain", "PRESETS", "RetrainState", "EPOCH_COLUMNS", "drop_tolerance"]
 
 
-@dataclass(frozen=True)
-class RetrainConfig:
-    """Guided-retraining hyperparameters.
-
-    Defaults are the CGD paper's code except the learning rate: 0.003 instead of 0.01. On the
-    defense benchmark (small CNN, 10,000 real CIFAR-10 images, trusted-classifier reference) lr 0.01
-    cost 1.2-4.8 CA points (the unbounded unlearning term then wrecks the features within a few
-    epochs: BadNets RA 65 -> 11 between epochs 2 and 5), while lr 0.003 kept CA (BadNets 68.64 -> 68.66,
-    ASR 99.98 -> 1.83, RA 66.7). And ``unlearn_floor`` 1e-4 instead of none: the paper's unbounded
-    log p(label) keeps pushing after the backdoor is gone (Blended: ASR 0 by epoch 4, then mean log p
-    fell to -35, RA 12 and an early stop 1.4 CA points down). Floors 1e-2 / 1e-3 / 1e-4 on the same
-    runs: Blended CA +0.20 / +0.22 / +0.10 with ASR 0.42 / 0.09 / 0.02; Input-aware CA +0.06 / +0.02 /
-    -0.12 with ASR 6.1 / 2.8 / 1.2 (no floor: -1.32, ASR 0.18). 1e-4 is the lowest floor measured
-    that keeps CA, and the one that removes the backdoor in both (bench/README.md).
-    And ``patience`` 2 instead of 1: CA wobbles by 1-2 points in the first epochs after the switch
-    from the victim's optimiser to SGD, and a one-epoch dip stopped BadNets at epoch 3 of 10 with
-    ASR still at 6.1 % (it recovers by the next epoch in the other runs).
-    ``PRESETS["paper"]`` is the paper's exact recipe.
-    """
-
-    epochs: int = 10
-    max_batches: int = 200  # per epoch
-    min_batches: int = 60  # per epoch: small sets are cycled through more than once to reach it (the paper: 0)
-    batch_size: int = 256
-    lr: float = 0.003
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    temperature: float = 3.0
-    alpha: float = 5e-4
-    beta: float = 0.025
-    tolerance: float = 1.0  # CA points
-    tolerance_se: float = 1.5  # widen the tolerance to this many standard errors of the CA estimate (the paper: 0 = fixed)
-    patience: int = 2  # epochs in a row below best CA - tolerance before stopping (the paper: 1)
-    unlearn: str = "log_p"  # "log_p" (paper: beta * mean log p(label), unbounded) | "log_1mp" (beta * mean -log(1 - p(label)), bounded)
-    unlearn_floor: float = 1e-4  # log_p only: a suspect sample stops pushing once p(label) < floor (0 = never: the paper)
-    augment: bool = True
-    precision: str = "auto"
-    channels_last: bool = True
-    seed: int = 0
-    log_every: int = 20  # batches between "batch" events
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+PRESETS: dict[str, RetrainConfig] = {name: apply_preset(RetrainConfig(), name) for name in _PRESETS}
 
 
-PRESETS: dict[str, RetrainConfig] = {
-    "cgd": RetrainConfig(),  # this tool's defaults
-    "paper": RetrainConfig(lr=0.01, unlearn_floor=0.0, patience=1, min_batches=0, tolerance_se=0.0),  # the CGD paper's code: SGD lr 0.01, unbounded log p unlearning
-}
+_DEFAULTS = RetrainConfig()
 
 
 def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,
-                  temperature: float = 3.0, alpha: float = 5e-4, beta: float = 0.025,
-                  unlearn: str = "log_p", unlearn_floor: float = 0.0) -> dict[str, torch.Tensor]:
-    """The three loss terms on one batch.
+                  temperature: float | None = None, alpha: float | None = None, beta: float | None = None,
+                  unlearn: str | None = None, unlearn_floor: float | None = None) -> dict[str, torch.Tensor]:
+    """The three loss terms on one batch. A weight left as None takes :class:`RetrainConfig`'s value.
 
     student, reference: (B, K) logits; labels: (B,) given labels; suspect: (B,) bool (False = clean).
     Returns {"total", "ce", "kl", "unlearn"} (scalars). ``ce`` is the mean over clean samples,
@@ -99,6 +58,12 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     ``unlearn_floor`` (log_p only, a probability in [0, 1)): log p(label) is clamped at log(floor), so
     a suspect sample whose label is already below ``floor`` adds a constant and no gradient.
     """
+    d = _DEFAULTS
+    temperature = d.temperature if temperature is None else temperature
+    alpha = d.alpha if alpha is None else alpha
+    beta = d.beta if beta is None else beta
+    unlearn = d.unlearn if unlearn is None else unlearn
+    unlearn_floor = d.unlearn_floor if unlearn_floor is None else unlearn_floor
     if not 0.0 <= unlearn_floor < 1.0:
         raise ValueError(f"unlearn_floor must be in [0, 1), got {unlearn_floor}")
     # Masked sums instead of boolean indexing and ``.any()``: the same maths without a
@@ -159,11 +124,15 @@ def guided_retrain(
     * ``{"kind": "epoch", "epoch", "loss", "ce", "kl", "unlearn", "ca", "asr", "ra", "lr", "seconds",
       "early_stop", "state"}`` after each epoch — ``state`` is a resumable snapshot (pass it back
       as ``resume`` to continue from there with identical results);
-    * ``{"kind": "done", "best_epoch", "stopped_early", "final": {...}}``.
+    * ``{"kind": "done", "best_epoch", "kept_epoch", "restored", "stopped_early", "epochs_run", "final": {...}}``:
+      ``kept_epoch`` is the epoch whose weights the model ends with (``final`` holds its metrics),
+      ``best_epoch`` the one with the highest CA, ``restored`` whether weights were rolled back, and
+      ``stopped_early`` whether epochs were left unrun.
 
-    An epoch whose CA is more than ``tolerance`` below the best so far starts a streak; training
-    goes on from it, and at ``patience`` such epochs in a row (or when the last epoch ends a streak)
-    the weights after the last epoch within tolerance are restored and ``early_stop`` is set.
+    An epoch whose CA is more than the drop tolerance (:func:`drop_tolerance`) below the best so far
+    starts a streak; training goes on from it, and at ``patience`` such epochs in a row (or when the
+    last epoch ends a streak) the weights after the last epoch within tolerance are restored and
+    ``early_stop`` is set (with ``restored_epoch`` naming that epoch).
 
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
@@ -194,7 +163,7 @@ def guided_retrain(
 
     if resume is None:
         m0 = evaluate(model)
-        start_epoch, best_ca, best_epoch, streak = 1, -math.inf, 0, 0
+        start_epoch, best_ca, best_epoch, streak, good_epoch = 1, -math.inf, 0, 0, 0
         good_state = _state_cpu(model)
         history = [{"kind": "epoch", "epoch": 0, **m0, "loss": float("nan"), "ce": float("nan"),
                     "kl": float("nan"), "unlearn": float("nan"), "lr": cfg.lr, "seconds": 0.0, "early_stop": False}]
@@ -208,9 +177,12 @@ def guided_retrain(
         start_epoch, best_ca, best_epoch = resume["epoch"] + 1, resume["best_ca"], resume["best_epoch"]
         streak = int(resume.get("streak", 0))
         good_state = resume["good"] if streak and resume.get("good") is not None else _state_cpu(model)
+        good_epoch = int(resume.get("good_epoch", resume["epoch"] - streak))
 
     stopped = False
+    last_epoch = start_epoch - 1  # the last epoch that ran (the resumed one when none is left)
     for epoch in range(start_epoch, cfg.epochs + 1):
+        last_epoch = epoch
         model.train()
         t0 = time.perf_counter()
         sums = {k: torch.zeros((), device=dev) for k in ("total", "ce", "kl", "unlearn")}
@@ -245,6 +217,7 @@ def guided_retrain(
             if streak >= max(1, cfg.patience) or epoch == cfg.epochs:
                 model.load_state_dict(good_state)
                 ev["early_stop"] = True
+                ev["restored_epoch"] = good_epoch
                 stopped = True
                 yield ev
                 break
@@ -252,11 +225,73 @@ def guided_retrain(
             streak = 0
             if m["ca"] > best_ca:
                 best_ca, best_epoch = m["ca"], epoch
-            good_state = _state_cpu(model)
+            good_state, good_epoch = _state_cpu(model), epoch
         ev["state"] = {"model": good_state if not streak else _state_cpu(model), "optimizer": copy.deepcopy(opt.state_dict()),
                        "scheduler": sched.state_dict(), "gen_cpu": gen_cpu.get_state(), "gen_dev": gen_dev.get_state(),
                        "epoch": epoch, "best_ca": best_ca, "best_epoch": best_epoch, "streak": streak,
-                       "good": good_state if streak else None}
+                       "good": good_state if streak else None, "good_epoch": good_epoch}
         yield ev
     model.eval()
-    yield {"kind": "done", "best_epoch": best_epoch, "stopped_early": stopped, "final": evaluate(model)}
+    yield {"kind": "done", "best_epoch": best_epoch, "kept_epoch": good_epoch if stopped else last_epoch,
+           "restored": stopped, "stopped_early": stopped and last_epoch < cfg.epochs, "epochs_run": last_epoch,
+           "final": evaluate(model)}
+
+
+EPOCH_COLUMNS = ("epoch", "loss", "ce", "kl", "unlearn", "ca", "asr", "ra", "asr_base", "lr", "seconds", "early_stop")
+
+
+class RetrainState:
+    """The resumable state of one retraining in a folder (``RUN/chunks/retrain``): the weights after
+    the last finished epoch (and, mid-streak, the weights an early stop would restore), optimiser,
+    schedule and random-generator states, and the metric rows so far. Files are written atomically.
+
+    ``load()`` returns a ``resume`` dict for :func:`guided_retrain` when the folder holds a state of
+    the same ``key``, else None; ``rows`` / ``batch_rows`` then hold the rows recorded with it.
+    """
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key
+        self.rows: list[dict] = []
+        self.batch_rows: list[dict] = []
+
+    def load(self) -> dict | None:
+        from safetensors.torch import load_file
+
+        from .runs import read_json
+
+        meta = read_json(self.folder / "state.json", {}) or {}
+        if meta.get("key") != self.key or not (self.folder / "state.safetensors").exists():
+            return None
+        flat = load_file(str(self.folder / "state.safetensors"))
+        self.rows, self.batch_rows = list(meta["rows"]), list(meta.get("batch_rows", []))
+        return {"model": {k[6:]: v for k, v in flat.items() if k.startswith("model.")},
+                "optimizer": torch.load(self.folder / "optimizer.pt", weights_only=True),
+                "scheduler": meta["scheduler"], "gen_cpu": flat["gen_cpu"], "gen_dev": flat["gen_dev"],
+                "epoch": meta["epoch"], "best_ca": meta["best_ca"], "best_epoch": meta["best_epoch"],
+                "streak": meta.get("streak", 0),
+                "good": {k[5:]: v for k, v in flat.items() if k.startswith("good.")} or None}
+
+    def add_epoch(self, ev: dict) -> dict:
+        row = {k: ev.get(k, float("nan")) for k in EPOCH_COLUMNS}
+        self.rows.append(row)
+        return row
+
+    def save(self, s: dict) -> None:
+        """Write the snapshot ``s`` (an epoch event's ``state``) with the rows so far."""
+        from safetensors.torch import save_file
+
+        from .runs import write_json
+
+        flat = {f"model.{k}": v.contiguous() for k, v in s["model"].items()}
+        if s.get("good") is not None:  # mid-streak: the weights an early stop would restore
+            flat.update({f"good.{k}": v.contiguous() for k, v in s["good"].items()})
+        flat["gen_cpu"], flat["gen_dev"] = s["gen_cpu"], s["gen_dev"].cpu()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / "state.tmp.safetensors"
+        save_file(flat, str(tmp))
+        tmp.replace(self.folder / "state.safetensors")
+        torch.save(s["optimizer"], self.folder / "optimizer.tmp.pt")
+        (self.folder / "optimizer.tmp.pt").replace(self.folder / "optimizer.pt")
+        write_json(self.folder / "state.json", {"key": self.key, "epoch": s["epoch"], "best_ca": s["best_ca"],
+                                                "best_epoch": s["best_epoch"], "streak": s.get("streak", 0),
+                                                "scheduler": s["scheduler"], "rows": self.rows, "batch_rows": self.batch_rows})

@@ -7,20 +7,23 @@ Score -> rank -> flag -> order, NumPy in and out:
   learnt unusually fast (any poison).
 * :func:`rank_normalise` — ranks in (0, 1] (rank / N, ascending; ties share their average rank),
   globally or within each given class.
-* :func:`separate` — the CGD rule with ``sigma1`` / ``sigma2``, plus (``sigma3``) the tail of the
-  joint rank of ``clip_rank - model_rank``, which catches poisons that are suspicious on both axes
-  without being in either axis's own tail.
+* :func:`flag_subsets` — the CGD rule at a :class:`~cgd.config.SeparationConfig`'s ``sigma1`` /
+  ``sigma2``, plus (``sigma3``) the tail of the joint rank of ``clip_rank - model_rank``, which catches
+  poisons that are suspicious on both axes without being in either axis's own tail; codes are
+  :class:`Subset` values (:func:`separate` takes the thresholds one by one).
 * :func:`oversample_per_class` — clean indices repeated per class to the largest class, seeded.
 * :func:`detection_metrics`, :func:`auroc`, :func:`roc_curve`, :func:`threshold_sweep`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from enum import IntEnum
 
 import numpy as np
 
+from .config import PRESETS, SeparationConfig, apply_preset
+
 __all__ = [
-    "UNUSED", "CLEAN", "SUSPECT", "SUBSET_NAMES",
+    "Subset", "UNUSED", "CLEAN", "SUSPECT", "SUBSET_NAMES", "flag_subsets",
     "SeparationConfig", "SEPARATION_PRESETS",
     "label_nll",
     "rank_normalise",
@@ -34,39 +37,35 @@ __all__ = [
     "subset_counts",
 ]
 
-UNUSED, CLEAN, SUSPECT = 0, 1, 2
-SUBSET_NAMES = {UNUSED: "unused", CLEAN: "clean", SUSPECT: "suspect"}
+class Subset(IntEnum):
+    """Where separation puts a sample. Stored as these int8 codes in scores.parquet and overrides.json."""
+
+    UNUSED = 0  # neither clean nor suspect: left out of retraining
+    CLEAN = 1  # trained on with its label
+    SUSPECT = 2  # distilled from the reference, its label unlearnt
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: "int | str | Subset") -> "Subset":
+        """A Subset from its code (0/1/2) or name ("clean", ...); ValueError otherwise."""
+        if isinstance(value, str) and not value.strip().isdigit():
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                raise ValueError(f"subset must be one of {', '.join(m.label for m in cls)}, got {value!r}") from None
+        try:
+            return cls(int(value))
+        except (ValueError, TypeError):
+            raise ValueError(f"subset code must be 0, 1 or 2, got {value!r}") from None
 
 
-@dataclass(frozen=True)
-class SeparationConfig:
-    """sigma1: clean-subset margin; sigma2: suspect-subset margin; sigma3: joint-tail margin (all
-    fractions in [0, 1); sigma3 = 0 is the paper's rule, see :func:`separate`).
+UNUSED, CLEAN, SUSPECT = Subset.UNUSED, Subset.CLEAN, Subset.SUSPECT
+SUBSET_NAMES = {m: m.label for m in Subset}
 
-    rank_mode: ``"global"`` (the paper) or ``"per_class"`` (ranks within each given label).
-    """
-
-    sigma1: float = 0.2
-    sigma2: float = 0.1
-    rank_mode: str = "global"
-    sigma3: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("sigma1", "sigma2", "sigma3"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
-                raise ValueError(f"{name} must lie in [0, 1), got {v!r}")
-        if self.rank_mode not in ("global", "per_class"):
-            raise ValueError(f"rank_mode must be 'global' or 'per_class', got {self.rank_mode!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-SEPARATION_PRESETS: dict[str, SeparationConfig] = {
-    "cgd": SeparationConfig(),  # this tool's defaults: the paper's sigmas plus the joint tail
-    "paper": SeparationConfig(sigma3=0.0),  # the CGD paper's rule
-}
+SEPARATION_PRESETS: dict[str, SeparationConfig] = {name: apply_preset(SeparationConfig(), name) for name in PRESETS}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -131,9 +130,12 @@ def rank_normalise(values: np.ndarray, groups: np.ndarray | None = None) -> np.n
     return out
 
 
-def separate(clip_rank: np.ndarray, model_rank: np.ndarray, sigma1: float = 0.2, sigma2: float = 0.1,
-             sigma3: float = 0.1) -> np.ndarray:
-    """The CGD rule, with an optional joint tail. Returns (N,) int8 subset codes: 1 clean, 2 suspect, 0 unused.
+def flag_subsets(clip_rank: np.ndarray, model_rank: np.ndarray, cfg: SeparationConfig) -> np.ndarray:
+    """The CGD rule at ``cfg``'s thresholds, with an optional joint tail. Returns (N,) int8
+    :class:`Subset` codes: 1 clean, 2 suspect, 0 unused.
+
+    clip_rank, model_rank: (N,) ranks in (0, 1] of the reference and suspicious-model NLLs, in
+    ``cfg.rank_mode`` (the caller picks the matching columns, see :func:`cgd.scores.ranks`).
 
     clean   = clip_rank <= 1 - sigma1  and  model_rank >= sigma1
     suspect = clip_rank >  1 - sigma2  or   model_rank <  sigma2   (wins where both hold)
@@ -145,26 +147,35 @@ def separate(clip_rank: np.ndarray, model_rank: np.ndarray, sigma1: float = 0.2,
     sigma3 = 0.1 raised the suspect TPR for SSBA from 89.3 to 98.6 % and for low-frequency poisons
     from 94.7 to 99.5 % while the FPR rose by at most 0.7 points (bench/README.md).
     """
-    SeparationConfig(sigma1, sigma2, sigma3=sigma3)  # validates
     clip_rank = np.asarray(clip_rank, np.float64)
     model_rank = np.asarray(model_rank, np.float64)
     if clip_rank.shape != model_rank.shape or clip_rank.ndim != 1:
         raise ValueError(f"clip_rank and model_rank must be equal-length 1-D arrays, got {clip_rank.shape} and {model_rank.shape}")
     out = np.zeros(len(clip_rank), np.int8)
-    out[(clip_rank <= 1.0 - sigma1) & (model_rank >= sigma1)] = CLEAN
-    suspect = (clip_rank > 1.0 - sigma2) | (model_rank < sigma2)
-    if sigma3 > 0 and len(clip_rank):
-        suspect |= rank_normalise(clip_rank - model_rank) > 1.0 - sigma3
+    out[(clip_rank <= 1.0 - cfg.sigma1) & (model_rank >= cfg.sigma1)] = CLEAN
+    suspect = (clip_rank > 1.0 - cfg.sigma2) | (model_rank < cfg.sigma2)
+    if cfg.sigma3 > 0 and len(clip_rank):
+        suspect |= rank_normalise(clip_rank - model_rank) > 1.0 - cfg.sigma3
     out[suspect] = SUSPECT
     return out
+
+
+def separate(clip_rank: np.ndarray, model_rank: np.ndarray, sigma1: float | None = None, sigma2: float | None = None,
+             sigma3: float | None = None) -> np.ndarray:
+    """:func:`flag_subsets` with the thresholds given one by one; one left out takes
+    :class:`~cgd.config.SeparationConfig`'s default."""
+    given = {k: v for k, v in (("sigma1", sigma1), ("sigma2", sigma2), ("sigma3", sigma3)) if v is not None}
+    return flag_subsets(clip_rank, model_rank, SeparationConfig(**given))
 
 
 def apply_overrides(subset: np.ndarray, overrides: dict[int, int] | None) -> np.ndarray:
     """Subset codes with manual overrides {index: code} applied (a copy)."""
     out = np.array(subset, np.int8, copy=True)
     for i, code in (overrides or {}).items():
-        if code not in SUBSET_NAMES:
-            raise ValueError(f"override for sample {i}: subset code must be 0, 1 or 2, got {code}")
+        try:
+            code = Subset.parse(code)
+        except ValueError as e:
+            raise ValueError(f"override for sample {i}: {e}") from None
         if not 0 <= int(i) < len(out):
             raise ValueError(f"override index {i} out of range [0, {len(out)})")
         out[int(i)] = code
@@ -265,14 +276,16 @@ def detection_metrics(subset: np.ndarray, poison_mask: np.ndarray, clip_nll: np.
 
 
 def threshold_sweep(clip_rank: np.ndarray, model_rank: np.ndarray, poison_mask: np.ndarray | None = None,
-                    sigmas: np.ndarray | None = None, sigma2_ratio: float = 0.5, sigma3: float = 0.1) -> list[dict]:
+                    sigmas: np.ndarray | None = None, sigma2_ratio: float = 0.5, sigma3: float | None = None) -> list[dict]:
     """Subset sizes (and detection rates when ground truth exists) over a grid of sigma1 values,
-    with sigma2 = sigma2_ratio * sigma1 and a fixed sigma3. One dict per grid point."""
+    with sigma2 = sigma2_ratio * sigma1 and a fixed sigma3 (None: SeparationConfig's default).
+    One dict per grid point."""
     sigmas = np.round(np.linspace(0.02, 0.5, 25), 4) if sigmas is None else np.asarray(sigmas)
+    sigma3 = SeparationConfig().sigma3 if sigma3 is None else float(sigma3)
     rows = []
     for s1 in sigmas:
         s2 = float(s1) * sigma2_ratio
-        sub = separate(clip_rank, model_rank, float(s1), s2, sigma3)
+        sub = flag_subsets(clip_rank, model_rank, SeparationConfig(float(s1), s2, sigma3=sigma3))
         row = {"sigma1": float(s1), "sigma2": s2, "clean": int((sub == CLEAN).sum()),
                "suspect": int((sub == SUSPECT).sum()), "unused": int((sub == UNUSED).sum())}
         if poison_mask is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_precision
 
 __all__ = [
@@ -34,27 +34,6 @@ __all__ = [
     "predict",
     "make_optimizer",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Recipe for :func:`train_classifier`. Defaults: the suspicious-model recipe of the CGD code."""
-
-    epochs: int = 5
-    batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 5e-4
-    optimizer: str = "adam"  # "adam" | "sgd"
-    momentum: float = 0.9  # sgd only
-    schedule: str = "none"  # "none" | "cosine" (per step)
-    augment: bool = True
-    precision: str = "auto"  # "auto" | "bf16" | "fp32"
-    channels_last: bool = True
-    max_batches: int | None = None  # per epoch
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def to_device_u8(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -18,6 +18,9 @@ TINY_CLIP = "tiny-clip"  # registered with open_clip from tests/data/tiny-clip.j
 
 def pytest_configure(config):
     os.environ.setdefault("CGD_CACHE", str(_cache_root() / "arrays"))
+    # the shared reference-score cache stays off: a test that scores must really score (the cache's
+    # own tests turn it on in a folder of their own)
+    os.environ.setdefault("CGD_SCORE_CACHE_MB", "0")
 
 
 def _cache_root() -> Path:

@@ -56,7 +56,7 @@ def dash(tmp_path_factory):
     assert cli(["train", "--data", spec, "--split", "test", "--trusted-fraction", "0.5", "--arch", "small-cnn",
                 "--epochs", "2", "--device", "cpu", "--out", str(ref), "--quiet"]) == 0
     run = runs_root / "badnets-run"
-    cfg = RunConfig(data=spec, out=str(run), device="cpu", subset=300, attack="badnets", poison_rate=0.1, target=0,
+    cfg = RunConfig.from_flat(data=spec, out=str(run), device="cpu", subset=300, attack="badnets", poison_rate=0.1, target=0,
                     reference=f"classifier:{ref}", arch="small-cnn", train_epochs=1, suspicious_runs=1,
                     suspicious_epochs=1, epochs=1, max_batches=3, batch_size=64)
     run_pipeline(cfg, progress_bars=False)

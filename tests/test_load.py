@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def big_run(cifar_root, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    cfg = RunConfig(data=f"imagefolder:{cifar_root}", out=str(runs / "cifar50k"), device="cpu", attack="badnets",
+    cfg = RunConfig.from_flat(data=f"imagefolder:{cifar_root}", out=str(runs / "cifar50k"), device="cpu", attack="badnets",
                     poison_rate=0.1, target=0, reference="clip:tiny-clip", clip_config=TINY, pretrained="none",
                     arch="small-cnn", train_epochs=1, suspicious_runs=1, suspicious_epochs=1, epochs=1, max_batches=5)
     run_pipeline(cfg, progress_bars=False)

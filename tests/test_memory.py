@@ -99,7 +99,7 @@ def test_loader_returns_memmap_equal_to_in_memory_decode(tmp_path, monkeypatch):
     assert sum(n.endswith(".x.npy") for n in cache) == 2  # train and test pixels
 
     # the data stage copies it into the run folder in chunks; the run's images load memory-mapped
-    run_pipeline(RunConfig(data=f"imagefolder:{folder}", out=str(tmp_path / "run"), device="cpu"),
+    run_pipeline(RunConfig.from_flat(data=f"imagefolder:{folder}", out=str(tmp_path / "run"), device="cpu"),
                  stages=("data",), progress_bars=False)
     d = load_run_data(RunDir(tmp_path / "run"))
     assert isinstance(d.train.images, np.memmap)
@@ -121,7 +121,7 @@ def test_large_subsets_of_a_memmap_stay_on_disk(tmp_path, monkeypatch):
     assert isinstance(sub.images, np.memmap) and sub.images.filename is None
     np.testing.assert_array_equal(np.asarray(sub.images), np.asarray(full.images)[idx])
     assert isinstance(full.subset(idx[:200]).images, np.memmap) is False  # small: plain indexing
-    run_pipeline(RunConfig(data=f"imagefolder:{root}", out=str(tmp_path / "run"), device="cpu", subset=5000),
+    run_pipeline(RunConfig.from_flat(data=f"imagefolder:{root}", out=str(tmp_path / "run"), device="cpu", subset=5000),
                  stages=("data",), progress_bars=False)
     d = load_run_data(RunDir(tmp_path / "run"))
     assert len(d.train) == 5000 and len(d.test) == 1000  # holdout 10 %, then --subset
@@ -134,21 +134,21 @@ def test_scoring_streams_and_equals_in_memory_path(tiny_clip, tmp_path, monkeypa
     """data + reference on a memory-mapped set == the reference scoring the whole set in memory."""
     import torch
 
-    from cgd.pipeline import _classnames_templates
+    from cgd.scoring import classnames_templates
     from cgd.reference import make_reference
 
     monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))
     root = make_imagefolder(tmp_path / "f", 600, 100, 16)
-    cfg = RunConfig(data=f"imagefolder:{root}", out=str(tmp_path / "run"), reference=f"clip:{tiny_clip}", clip_config=TINY,
+    cfg = RunConfig.from_flat(data=f"imagefolder:{root}", out=str(tmp_path / "run"), reference=f"clip:{tiny_clip}", clip_config=TINY,
                     pretrained="none", device="cpu", precision="fp32", chunk_size=256, score_batch_size=64)
     info = run_pipeline(cfg, stages=("data", "reference"), progress_bars=False)
     assert set(info["stages"]) == {"data", "reference"}  # scoring needs no trained model
     run = RunDir(cfg.out)
     d = load_run_data(run)
     x = decode_images(_files(root / "train"))  # the old path: everything in memory
-    names, templates = _classnames_templates(cfg, d)
+    names, templates = classnames_templates(cfg, d.dataset_kind, d.train.classes)
     torch.manual_seed(cfg.seed)
-    ref = make_reference(cfg.reference, names, templates, pretrained=None, device="cpu", precision="fp32", batch_size=64)
+    ref = make_reference(cfg.reference.spec, names, templates, pretrained=None, device="cpu", precision="fp32", batch_size=64)
     want = ref.score(x)
     np.testing.assert_allclose(run.load_array("clip_logits.npy"), want.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run.load_array("embeddings.npy"), want.embeddings, rtol=1e-5, atol=1e-6)
@@ -238,7 +238,7 @@ def rss(key):
 open_clip.add_model_config(sys.argv[3])
 base = rss("VmRSS")
 t0 = time.time()
-cfg = RunConfig(data="imagefolder:" + sys.argv[1], out=sys.argv[2], reference="clip:tiny-clip", clip_config=sys.argv[3],
+cfg = RunConfig.from_flat(data="imagefolder:" + sys.argv[1], out=sys.argv[2], reference="clip:tiny-clip", clip_config=sys.argv[3],
                 pretrained="none", device="cpu", precision="fp32")
 info = run_pipeline(cfg, stages=("data", "reference"), progress_bars=False)
 print(json.dumps({"base": base, "hwm": rss("VmHWM"), "seconds": time.time() - t0,

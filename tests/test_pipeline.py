@@ -10,7 +10,7 @@ import pytest
 
 from cgd.cli import main
 from cgd.runs import RunDir
-from cgd.separation import label_nll, rank_normalise, separate
+from cgd.separation import Subset, label_nll, rank_normalise, separate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "data" / "tiny-clip.json")
@@ -57,13 +57,13 @@ def test_run_writes_every_artefact(small_run):
 def test_scores_table_is_consistent(small_run):
     df = pd.read_parquet(small_run / "scores.parquet")
     assert list(df.columns[:8]) == ["index", "source_index", "label", "clip_nll", "model_nll", "clip_rank", "model_rank", "subset"]
-    assert {"clip_pred", "poison", "original_label", "clip_top3"} <= set(df.columns)
+    assert {"clip_pred", "poison", "original_label", "clip_rank_class", "model_rank_class"} <= set(df.columns)
     y = np.load(small_run / "data" / "train_y.npy")
     np.testing.assert_allclose(df["clip_nll"], label_nll(np.load(small_run / "clip_logits.npy"), y))
     np.testing.assert_allclose(df["model_nll"], label_nll(np.load(small_run / "model_logits.npy"), y))
     np.testing.assert_allclose(df["clip_rank"], rank_normalise(df["clip_nll"].to_numpy()))
     sub = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), 0.2, 0.1)
-    assert (df["subset"].astype(str).to_numpy() == np.array(["unused", "clean", "suspect"])[sub]).all()
+    assert (df["subset"].to_numpy() == sub).all()  # Subset codes: 0 unused, 1 clean, 2 suspect
     sep = json.loads((small_run / "separation.json").read_text())
     assert sep["clean"] + sep["suspect"] + sep["unused"] == 400
     assert sep["detection"]["n_poison"] == 40
@@ -74,14 +74,17 @@ def test_exports_have_provenance_and_match(small_run):
     for pol in ("clean", "suspect"):
         doc = json.loads((small_run / "exports" / f"{pol}_indices.json").read_text())
         assert doc["polarity"] == pol
-        assert doc["indices"] == sorted(df.loc[df["subset"] == pol, "index"].tolist())
+        assert doc["indices"] == sorted(df.loc[df["subset"] == int(Subset[pol.upper()]), "index"].tolist())
         assert len(set(doc["indices"])) == len(doc["indices"])
         prov = doc["provenance"]
         assert prov["sigma1"] == 0.2 and prov["sigma2"] == 0.1 and prov["seed"] == 0
         assert prov["dataset_fingerprint"] == RunDir(small_run).read_run()["dataset"]["fingerprint"]
-        lines = (small_run / "exports" / f"{pol}_indices.csv").read_text().splitlines()
-        assert lines[0].startswith(f"# {pol} indices") and "sigma1=0.2" in lines[0]
-        assert lines[1] == "index,source_index,label" and len(lines) == 2 + doc["count"]
+        # plain CSV (pandas and spreadsheets read it as is); the provenance sits beside it
+        table = pd.read_csv(small_run / "exports" / f"{pol}_indices.csv")
+        assert list(table.columns[:4]) == ["index", "source_index", "label", "label_name"] and len(table) == doc["count"]
+        assert table["index"].tolist() == doc["indices"]
+        assert table["file"].str.endswith(".jpg").all() and not table["file"].str.startswith("/").any()
+        assert json.loads((small_run / "exports" / "provenance.json").read_text())["sigma1"] == 0.2
 
 
 def test_rerun_reuses_finished_stages_and_threshold_change_reruns_only_later(small_run, cifar_root):
@@ -152,9 +155,9 @@ def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
     def cfg(*extra):
         return config_from_args(build_parser().parse_args(["retrain", "--data", "npz:x.npz", "--out", str(tmp_path / "r"), *extra]))
 
-    assert cfg().lr == RetrainConfig().lr == PRESETS["cgd"].lr == 0.003
-    assert cfg("--preset", "paper").lr == PRESETS["paper"].lr == 0.01
-    assert cfg("--preset", "paper", "--lr", "0.02").lr == 0.02
+    assert cfg().retrain.lr == RetrainConfig().lr == PRESETS["cgd"].lr == 0.003
+    assert cfg("--preset", "paper").retrain.lr == PRESETS["paper"].lr == 0.01
+    assert cfg("--preset", "paper", "--lr", "0.02").retrain.lr == 0.02
     assert cfg("--unlearn", "log_1mp").retrain_config().unlearn == "log_1mp"
     assert cfg().retrain_config().unlearn_floor == RetrainConfig().unlearn_floor == 1e-4
     assert cfg("--preset", "paper").retrain_config().unlearn_floor == 0.0  # the paper's unbounded term

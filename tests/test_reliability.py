@@ -304,7 +304,7 @@ def test_stale_temp_files_are_removed_when_a_job_starts(npz_data, tmp_path):
     for f in stale + [live]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"partial")
-    run_pipeline(RunConfig(data=f"npz:{npz_data}", out=str(run), device="cpu"), stages=("data",), progress_bars=False)
+    run_pipeline(RunConfig.from_flat(data=f"npz:{npz_data}", out=str(run), device="cpu"), stages=("data",), progress_bars=False)
     assert not any(f.exists() for f in stale) and live.exists()
     assert RunDir(run).load_array("data/train_x.npy").shape == (40, 16, 16, 3)
     assert remove_stale_temps(run, recursive=True) == []  # idempotent; the live one still kept

@@ -175,6 +175,7 @@ def test_patience_rides_out_a_one_epoch_dip_and_stops_on_a_lasting_drop():
     ep = [e for e in evs if e["kind"] == "epoch"]
     assert [e["epoch"] for e in ep] == [0, 1, 2, 3, 4, 5] and [e["early_stop"] for e in ep] == [False] * 5 + [True]
     assert evs[-1]["stopped_early"] and evs[-1]["best_epoch"] == 1
+    assert evs[-1]["kept_epoch"] == 3 and evs[-1]["epochs_run"] == 5 and ep[-1]["restored_epoch"] == 3
     for k, v in m.state_dict().items():
         assert torch.equal(v, snaps[3][k]), k  # the weights after epoch 3, the last within tolerance
     # a streak still open at the last epoch also restores the last good weights
@@ -182,7 +183,9 @@ def test_patience_rides_out_a_one_epoch_dip_and_stops_on_a_lasting_drop():
     m = build_model("small-cnn", 3, width=8)
     evs = list(guided_retrain(m, x, y, np.arange(200), np.arange(200, 240), ref, evaluate,
                               RetrainConfig(epochs=3, max_batches=1, batch_size=64, precision="fp32", patience=2), "cpu"))
-    assert evs[-1]["stopped_early"] and [e["early_stop"] for e in evs if e["kind"] == "epoch"][-1]
+    # all 3 epochs ran: the weights were restored, but nothing was left unrun
+    assert evs[-1]["restored"] and not evs[-1]["stopped_early"] and [e["early_stop"] for e in evs if e["kind"] == "epoch"][-1]
+    assert evs[-1]["kept_epoch"] == 2 and evs[-1]["epochs_run"] == 3
     for k, v in m.state_dict().items():
         assert torch.equal(v, snaps[2][k]), k
 
