@@ -1,0 +1,143 @@
+"""Judging a retraining against the run's own before/after figures: did the repair work?
+
+:func:`repair_outcome` turns the per-epoch metrics and the retraining's final event into the run's
+summary: before and after (the figures of the epoch whose weights the model ends with), the kept and
+best epochs, whether training stopped early, and an :class:`Outcome`: a status, one plain sentence,
+the checkpoint's label and suggestions of what to try next. Each suggestion cites the measurement
+behind it; none is offered without one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .config import RetrainConfig
+
+__all__ = ["Outcome", "repair_outcome", "judge", "STATUSES"]
+
+# status -> (headline, checkpoint label)
+STATUSES = {
+    "repaired": ("Repair worked: the backdoor is gone and clean accuracy held.", "Repaired model"),
+    "backdoor_remains": ("Repair failed: the backdoor is still active.", "Retrained model (backdoor still active)"),
+    "ca_lost": ("The backdoor is gone, but clean accuracy fell beyond the tolerance.", "Retrained model (clean accuracy lost)"),
+    "failed": ("Repair failed: the backdoor is still active and clean accuracy fell.", "Retrained model (repair failed)"),
+    "no_backdoor_effect": ("The model showed no backdoor effect before repair; retraining kept clean accuracy.",
+                           "Retrained model"),
+    "unverified": ("Retraining finished, but the attack success rate cannot be measured: this run has no "
+                   "triggered test set (no known trigger).", "Retrained model (backdoor removal not verified)"),
+}
+
+
+@dataclass
+class Outcome:
+    """What a retraining achieved. status: one of :data:`STATUSES`; message: one sentence with the
+    figures; label: what to call the checkpoint; suggestions: what to try next, each with its evidence;
+    asr_limit: the ASR (in %) below which the backdoor counts as removed; ca_limit: the CA drop
+    (points) beyond which clean accuracy counts as lost."""
+
+    status: str
+    message: str
+    label: str
+    suggestions: list[str] = field(default_factory=list)
+    asr_limit: float = float("nan")
+    ca_limit: float = float("nan")
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("repaired", "no_backdoor_effect")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def asr_limit(asr_base: float, n_bd: int | None) -> float:
+    """ASR (%) at or below which a backdoor counts as removed: what the model's ordinary mistakes
+    give on the same classes (``asr_base``, see :func:`cgd.evaluation.asr_baseline`) plus 2 points
+    and two standard errors of an ASR measured on ``n_bd`` triggered images."""
+    base = float(asr_base) if _finite(asr_base) else 0.0
+    se = 100.0 * math.sqrt(max(base / 100.0, 0.01) * (1 - min(base / 100.0, 0.99)) / n_bd) if n_bd else 0.0
+    return base + 2.0 + 2.0 * se
+
+
+def judge(before: dict, after: dict, cfg: RetrainConfig, n_test: int | None = None, n_bd: int | None = None) -> tuple[str, float, float]:
+    """(status, asr_limit, ca_limit) of a repair from before/after metrics (percent)."""
+    from .retrain import drop_tolerance
+
+    ca_limit = drop_tolerance(cfg, float(before.get("ca", float("nan"))), n_test)
+    ca_lost = _finite(before.get("ca")) and _finite(after.get("ca")) and before["ca"] - after["ca"] > ca_limit
+    if not _finite(after.get("asr")):
+        return "unverified", float("nan"), ca_limit
+    limit = asr_limit(after.get("asr_base", float("nan")), n_bd)
+    if _finite(before.get("asr")) and before["asr"] <= asr_limit(before.get("asr_base", float("nan")), n_bd):
+        return ("ca_lost" if ca_lost else "no_backdoor_effect"), limit, ca_limit
+    remains = after["asr"] > limit
+    if remains and ca_lost:
+        return "failed", limit, ca_limit
+    if remains:
+        return "backdoor_remains", limit, ca_limit
+    return ("ca_lost" if ca_lost else "repaired"), limit, ca_limit
+
+
+def _suggestions(status: str, rows: list[dict], done: dict, cfg: RetrainConfig, verdict: dict | None) -> list[str]:
+    out = []
+    family = (verdict or {}).get("family")
+    if status in ("backdoor_remains", "failed"):
+        asr_curve = [r.get("asr") for r in rows if r.get("epoch", 0) >= 1 and _finite(r.get("asr"))]
+        still_falling = len(asr_curve) >= 2 and asr_curve[-1] < asr_curve[-2] - 0.5
+        if done.get("restored") and done.get("kept_epoch", 0) < (done.get("epochs_run") or 0):
+            out.append(f"The early stop restored epoch {done.get('kept_epoch')}'s weights; ASR was lower later. Try "
+                       f"--patience {cfg.patience + 1} or a larger --tolerance: on the demo, the fixed 1-point rule "
+                       "restored pre-unlearning weights (ASR 95.8 %) where a noise-aware tolerance reached 4.3 %.")
+        if still_falling or cfg.epochs * cfg.min_batches < 600:
+            out.append(f"Retrain longer: --epochs {cfg.epochs + 5} or --min-batches {max(cfg.min_batches, 60) + 30}. On the "
+                       "built-in demo, 60 batches per epoch instead of 29 brought ASR from 6.6 % to 3.5 %.")
+        if family == "clean-label":
+            out.append("The verdict says clean-label: the suspect samples' labels are right, and their class has few clean "
+                       "samples left. Try --alpha 0.1 (a stronger pull towards the reference): on CIFAR-10 SIG it brought "
+                       "ASR from 70 % to 6.1 % with CA +2.1 (bench/README.md).")
+    if status in ("ca_lost", "failed"):
+        out.append(f"Lower the learning rate (--lr {cfg.lr / 2:g}): on the defense benchmark lr 0.01 cost 1.2-4.8 CA points "
+                   "where 0.003 kept CA (bench/README.md).")
+        if cfg.unlearn_floor == 0:
+            out.append("Bound the unlearning term with --unlearn-floor 1e-4: without it, Blended lost 1.4 CA points on the "
+                       "defense benchmark; with it, none.")
+    return out
+
+
+def repair_outcome(rows: list[dict], done: dict | None, cfg: RetrainConfig, clean_size: int, clean_oversampled: int,
+                   suspect_size: int, verdict: dict | None = None, n_bd: int | None = None) -> dict:
+    """The run's summary of a retraining.
+
+    rows: metrics per epoch (epoch 0 = before repair); done: guided_retrain's final event. The
+    "after" figures are the kept epoch's (the weights the model ends with), so the summary agrees
+    with the curves; ``stopped_early`` is true only when epochs were left unrun.
+    """
+    done = done or {}
+    before = {k: rows[0].get(k) for k in ("ca", "asr", "ra", "asr_base")} if rows and rows[0].get("epoch") == 0 else {}
+    after = dict(done.get("final") or {})
+    n_test = after.pop("n_test", None) if "n_test" in after else (rows[0].get("n_test") if rows else None)
+    status, limit, ca_limit = judge(before, after, cfg, n_test, n_bd)
+    headline, label = STATUSES[status]
+    parts = [headline]
+    if before and _finite(before.get("ca")) and _finite(after.get("ca")):
+        parts.append(f"CA {before['ca']:.1f} -> {after['ca']:.1f} %")
+    if _finite(after.get("asr")):
+        parts.append(f"ASR {before.get('asr', float('nan')):.1f} -> {after['asr']:.1f} % (removed at or below {limit:.1f} %: "
+                     f"what the model's ordinary mistakes give, {after.get('asr_base', float('nan')):.1f} %, plus noise)")
+    kept, epochs_run = done.get("kept_epoch"), done.get("epochs_run")
+    if done.get("restored"):
+        parts.append(f"weights of epoch {kept} kept after a drop in CA" + (f" (epoch {epochs_run} of {cfg.epochs} ran)"
+                                                                           if done.get("stopped_early") else ""))
+    outcome = Outcome(status, "; ".join(parts[:1]) + " " + "; ".join(parts[1:]) + ("." if len(parts) > 1 else ""), label,
+                      _suggestions(status, rows, done, cfg, verdict), limit, ca_limit)
+    return {"before": before or None, "after": after, "best_epoch": done.get("best_epoch"), "kept_epoch": kept,
+            "epochs_run": epochs_run, "epochs": cfg.epochs, "restored": bool(done.get("restored")),
+            "stopped_early": bool(done.get("stopped_early")), "clean_size": clean_size,
+            "clean_oversampled": clean_oversampled, "suspect_size": suspect_size, "outcome": outcome.to_dict()}
