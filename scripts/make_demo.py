@@ -2,7 +2,7 @@
 """Build the dashboard's built-in demo sample: a small, stratified, seeded copy of real CIFAR-10.
 
     python scripts/make_demo.py [--archive ../shared/assets/cifar10-jpeg.tar.xz] [--out assets/demo]
-                                [--train-per-class 250] [--test-per-class 100] [--seed 0]
+                                [--train-per-class 800] [--test-per-class 300] [--seed 0]
 
 The original JPEG files (CIFAR-10 stored as JPEG quality 75) are copied byte for byte into an
 ImageFolder layout ``OUT/cifar10/{train,test}/<class>/NNNN.jpg`` (file names kept, so every image
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "demo")
-    ap.add_argument("--train-per-class", type=int, default=250)
-    ap.add_argument("--test-per-class", type=int, default=100)
+    ap.add_argument("--train-per-class", type=int, default=800)
+    ap.add_argument("--test-per-class", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if not a.archive.is_file():
