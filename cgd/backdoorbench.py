@@ -1,4 +1,4 @@
-"""Import BackdoorBench attack records as ImageSets (``backdoorbench:RECORD_DIR``).
+"""BackdoorBench attack records (``backdoorbench:RECORD_DIR``): the record format, read safely.
 
 BackdoorBench (SCLBD/BackdoorBench, ``utils/save_load_attack.py``) writes each attack to a record
 folder ``record/<name>/`` whose ``attack_result.pt`` is a ``torch.save``'d dict:
@@ -17,51 +17,43 @@ flags, and ``bd_data_container``: ``{"save_folder_path", "save_file_format", "da
 (BackdoorBench's default; the path is relative to where the attack ran, typically
 ``./record/<name>/bd_train_dataset/...``), or inline, ``(image, poisoned_label, true_label)``.
 
-The clean images are not in the record: they are the named dataset at ``data_path``, loaded here
-through cgd's own loaders in the order BackdoorBench uses. The record is read with
-``torch.load(weights_only=True)`` and a narrow allowlist of numpy array/dtype/scalar
-reconstructors, so a record holding any other Python object is refused without running it.
+The clean images are not in the record: they are the named dataset at ``data_path``. This module
+knows the record format only (it imports nothing from :mod:`cgd.data`): it reads and checks the
+record, lists the folders that may hold the clean dataset, and turns the record's dataset states into
+arrays given the clean split's labels. :func:`cgd.data.load_backdoorbench` joins it with the clean
+dataset from the dataset registry (``backdoorbench:RECORD_DIR`` specs). The record is read with
+``torch.load(weights_only=True)`` and a narrow allowlist of numpy array/dtype/scalar reconstructors,
+so a record holding any other Python object is refused without running it.
+
+The clean data's folder comes from, in order: the caller's ``clean_root`` (and ``clean_root/<leaf of
+data_path>``), else ``data_path`` itself (absolute, or relative to the record folder and to the
+BackdoorBench folder above ``record/``). A ``data_path`` with ``..`` components is refused outright;
+with an ``allowed_root`` every candidate is resolved (symlinks followed) and one that lands outside
+it is refused (the BackdoorBench-folder guesses are just not tried).
 """
 from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data import (
-    DatasetError,
-    ImageSet,
-    _as_nhwc,
-    _cached,
-    _files_key,
-    _gtsrb_base,
-    decode_images,
-    load_cifar,
-    load_gtsrb,
-    load_tinyimagenet,
-)
+from .arrays import DatasetError, cached_arrays, files_key, to_uint8_images
 
-__all__ = ["load_backdoorbench", "load_record", "RECORD_FILE", "CLEAN_DATASETS"]
+__all__ = ["load_record", "read_record", "Record", "clean_candidates", "PoisonedSplit", "poisoned_split",
+           "poisoned_train", "backdoor_test", "check_num_classes", "RECORD_FILE", "RECORD_KEYS", "DATASET_ALIASES"]
 
 RECORD_FILE = "attack_result.pt"
 RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
-# BackdoorBench dataset name -> (cgd kind, marker files one of which a dataset root holds)
-CLEAN_DATASETS = {
-    "cifar10": ("cifar10", ("cifar-10-batches-py/data_batch_1", "data_batch_1")),
-    "cifar100": ("cifar100", ("cifar-100-python/train", "train")),
-    "gtsrb": ("gtsrb", ()),
-    "tiny": ("tinyimagenet", ("tiny-imagenet-200/wnids.txt", "wnids.txt")),
-    "tinyimagenet": ("tinyimagenet", ("tiny-imagenet-200/wnids.txt", "wnids.txt")),
-}
-_LAYOUT_HINT = {
-    "cifar10": "the folder holding cifar-10-batches-py/",
-    "cifar100": "the folder holding cifar-100-python/",
-    "gtsrb": "the folder holding Train/ and Test/ (BackdoorBench), GTSRB/Final_Training/ or gtsrb/GTSRB/Training/",
-    "tinyimagenet": "the folder holding tiny-imagenet-200/",
-}
+# BackdoorBench dataset names that differ from the cgd dataset kind (cgd.data.DATASET_KINDS) holding them
+DATASET_ALIASES = {"tiny": "tinyimagenet"}
+
+Decoder = Callable[[Sequence[Path], tuple[int, int]], np.ndarray]
+"""``decode(files, (H, W)) -> (len(files), H, W, 3) uint8``: how poisoned PNGs are decoded
+(:func:`cgd.data.decode_images`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,39 +131,96 @@ def load_record(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Clean data
+# The record and where its clean data is
 # --------------------------------------------------------------------------------------------
 
-def _looks_like(kind: str, markers: tuple[str, ...], root: Path) -> bool:
-    if not root.is_dir():
-        return False
-    if kind == "gtsrb":
-        try:
-            _gtsrb_base(root)
-            return True
-        except DatasetError:
-            return False
-    return any((root / m).is_file() for m in markers)
+@dataclass(frozen=True)
+class Record:
+    """A checked attack record.
+
+    path : the ``attack_result.pt``; data : the record dict as loaded; clean_data : BackdoorBench's
+    dataset name, lower-cased (``"cifar10"``, ``"tiny"``, ...); kind : the cgd dataset kind holding
+    it (:data:`DATASET_ALIASES` applied); size : ``img_size`` as (H, W) pixels; data_path : as stored.
+    """
+
+    path: Path
+    data: dict
+    clean_data: str
+    kind: str
+    size: tuple[int, int]
+    data_path: str
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
 
 
-def _clean_candidates(record_dir: Path, data_path: str, clean_root: str | os.PathLike | None) -> list[Path]:
-    """Folders that may hold the clean dataset, most specific first."""
-    leaf = PurePosixPath(str(data_path).replace("\\", "/")).name
+def read_record(record_dir: str | os.PathLike) -> Record:
+    """Load and check the record in ``record_dir`` (a record folder or its ``attack_result.pt``)."""
+    rp = Path(record_dir).expanduser()
+    record_path = rp if rp.is_file() else rp / RECORD_FILE
+    if not record_path.is_file():
+        raise DatasetError(f"{rp}: no {RECORD_FILE} found (expected a BackdoorBench record folder record/<name>/)")
+    rec = load_record(record_path)
+    name = str(rec["clean_data"]).lower()
+    img_size = rec["img_size"]
+    try:
+        size = (int(img_size[0]), int(img_size[1]))
+    except Exception:
+        raise DatasetError(f"{record_path}[img_size]: expected (H, W, C), got {img_size!r}") from None
+    data_path = rec["data_path"]
+    if not isinstance(data_path, str):
+        raise DatasetError(f"{record_path}[data_path]: expected a string, got {type(data_path).__name__}")
+    return Record(record_path, rec, name, DATASET_ALIASES.get(name, name), size, data_path)
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def clean_candidates(record: Record, clean_root: str | os.PathLike | None = None,
+                     allowed_root: str | os.PathLike | None = None) -> list[Path]:
+    """Folders that may hold the record's clean dataset, most specific first (see the module docstring).
+
+    Raises :class:`DatasetError` naming the record and the path for a ``data_path`` with ``..``
+    components, and, with ``allowed_root``, for a candidate (``clean_root``, ``clean_root/<leaf>``,
+    the absolute ``data_path`` or ``data_path`` under the record folder) resolving outside it; the
+    candidates are then returned resolved.
+    """
+    raw = str(record.data_path).replace("\\", "/")
+    dp = PurePosixPath(raw)
+    if ".." in dp.parts:
+        raise DatasetError(f"{record.path}[data_path]: {record.data_path!r} has '..' components; refused "
+                           "(a record's data_path must name its dataset folder without climbing out of folders)")
+    leaf = dp.name
+    primary: list[tuple[Path, str]] = []
+    guesses: list[Path] = []
     if clean_root is not None:
         root = Path(clean_root).expanduser()
-        return [root] + ([root / leaf] if leaf else [])
-    cands: list[Path] = []
-    dp = PurePosixPath(str(data_path).replace("\\", "/"))
-    if dp.is_absolute():
-        cands.append(Path(dp))
+        primary.append((root, "the clean data root"))
+        if leaf:
+            primary.append((root / leaf, f"the clean data root and data_path {record.data_path!r}"))
+    elif dp.is_absolute():
+        primary.append((Path(dp), f"data_path {record.data_path!r}"))
     else:
-        cands.append(record_dir / dp)
+        primary.append((record.dir / dp, f"data_path {record.data_path!r} under the record folder"))
         # BackdoorBench runs from its root with records in ./record/<name> and data in ./data/<name>
         parts = dp.parts
         if "data" in parts:
             tail = PurePosixPath(*parts[parts.index("data"):])
-            for anc in (record_dir.parent.parent, record_dir.parent):
-                cands.append(anc / tail)
+            guesses = [anc / tail for anc in (record.dir.parent.parent, record.dir.parent)]
+    if allowed_root is None:
+        cands = [c for c, _ in primary] + guesses
+    else:
+        ar = Path(allowed_root).expanduser().resolve()
+        cands = []
+        for c, why in primary:
+            r = c.resolve()
+            if not _within(r, ar):
+                raise DatasetError(f"{record.path}: clean data path {c} (from {why}) resolves to {r}, outside the "
+                                   f"allowed data root {ar}; refused")
+            cands.append(r)
+        cands += [r for r in (g.resolve() for g in guesses) if _within(r, ar)]
     out: list[Path] = []
     for c in cands:
         if c not in out:
@@ -179,16 +228,11 @@ def _clean_candidates(record_dir: Path, data_path: str, clean_root: str | os.Pat
     return out
 
 
-def _load_clean(name: str, root: Path, size: tuple[int, int]) -> tuple[ImageSet, ImageSet]:
-    kind = CLEAN_DATASETS[name][0]
-    if kind in ("cifar10", "cifar100"):
-        k = 10 if kind == "cifar10" else 100
-        return load_cifar(root, "train", k), load_cifar(root, "test", k)
-    if kind == "gtsrb":
-        return load_gtsrb(root, "train", size=size), load_gtsrb(root, "test", size=size)
-    # BackdoorBench reads Tiny-ImageNet through torchvision's ImageFolder: classes sorted by wnid
-    return (load_tinyimagenet(root, "train", class_order="sorted"),
-            load_tinyimagenet(root, "val", class_order="sorted"))
+def check_num_classes(record: Record, k: int, clean_desc: str) -> None:
+    """Raise unless the record's ``num_classes`` equals ``k``, the clean dataset's class count."""
+    if int(record.data["num_classes"]) != k:
+        raise DatasetError(f"{record.path}[num_classes]: record says {record.data['num_classes']} classes, the clean "
+                           f"{record.clean_data} dataset at {clean_desc} has {k}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +301,7 @@ def _inline_image(img: Any, size: tuple[int, int], where: str) -> np.ndarray:
         raise DatasetError(f"{where}: expected an image array or a PNG path, got {type(img).__name__}")
     if img.dtype.kind not in "uif":
         raise DatasetError(f"{where}: image array has dtype {img.dtype}, expected uint8 or float")
-    x = _as_nhwc(img[None], where)[0]
+    x = to_uint8_images(img[None], where)[0]
     if x.shape[:2] != tuple(size):
         from PIL import Image
 
@@ -265,14 +309,27 @@ def _inline_image(img: Any, size: tuple[int, int], where: str) -> np.ndarray:
     return x
 
 
-def _poisoned_samples(state: Any, part: str, n_clean: int, size: tuple[int, int], record_path: Path
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Decode one dataset state.
+@dataclass
+class PoisonedSplit:
+    """One dataset state of a record, decoded.
 
-    Returns (rows, poisoned_pos, images, bd_labels, true_labels): ``rows`` (M,) the clean indices
-    making up the dataset in order, ``poisoned_pos`` (P,) positions in ``rows`` that are poisoned,
-    ``images`` (P, H, W, 3) uint8, ``bd_labels`` and ``true_labels`` (P,) int64.
+    rows : (M,) int64, the clean-split indices making up the dataset, in order.
+    positions : (P,) int64, positions in ``rows`` that are poisoned.
+    images : (P, H, W, 3) uint8, the poisoned images.
+    bd_labels, true_labels : (P,) int64, their given (poisoned) and original labels.
     """
+
+    rows: np.ndarray
+    positions: np.ndarray
+    images: np.ndarray
+    bd_labels: np.ndarray
+    true_labels: np.ndarray
+
+
+def poisoned_split(state: Any, part: str, n_clean: int, size: tuple[int, int], record_path: Path,
+                   decode: Decoder) -> PoisonedSplit:
+    """Decode one dataset state (``bd_train`` or ``bd_test``) over a clean split of ``n_clean``
+    images; poisoned PNGs are read with ``decode`` (resized to ``size`` (H, W)) and cached."""
     where = f"{record_path}[{part}]"
     record_dir = record_path.parent
     if not isinstance(state, dict):
@@ -329,10 +386,10 @@ def _poisoned_samples(state: Any, part: str, n_clean: int, size: tuple[int, int]
         bd_labels[j] = _as_label(info[0], w + " poisoned label")
         true_labels[j] = _as_label(info[1], w + " original label")
     if files:
-        key = f"bdb-{part}-" + _files_key([record_path, *files], f"{record_path.resolve()}|{size}")
-        arr = _cached(key, lambda: {"x": decode_images(files, size)})["x"]
+        key = f"bdb-{part}-" + files_key([record_path, *files], f"{record_path.resolve()}|{size}")
+        arr = cached_arrays(key, lambda: {"x": decode(files, size)})["x"]
         images[np.asarray(file_pos)] = arr
-    return rows, poisoned_pos, images, bd_labels, true_labels
+    return PoisonedSplit(rows, poisoned_pos.astype(np.int64), images, bd_labels, true_labels)
 
 
 def _check_true_labels(true_labels: np.ndarray, clean_labels: np.ndarray, where: str, clean_desc: str) -> None:
@@ -347,100 +404,36 @@ def _check_true_labels(true_labels: np.ndarray, clean_labels: np.ndarray, where:
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# The record's two datasets as arrays
 # --------------------------------------------------------------------------------------------
 
-def load_backdoorbench(record_dir: str | os.PathLike, clean_root: str | os.PathLike | None = None
-                       ) -> tuple[ImageSet, ImageSet]:
-    """Load a BackdoorBench attack record as (poisoned train, clean test with ``meta['bd_test']``).
-
-    ``record_dir``: the record folder (or its ``attack_result.pt``). ``clean_root``: folder of the
-    clean dataset the attack used (default ``$CGD_DATA_ROOT``, else the record's ``data_path``
-    resolved against the record folder and the BackdoorBench folder above ``record/``).
-
-    train: images (N, H, W, 3) uint8 as the victim trained on them, ``labels`` as given (poisoned),
-    ``poison_mask`` (N,) bool and ``original_labels`` (N,) from the record. test: the clean test split;
-    ``test.meta['bd_test']`` is a :class:`cgd.evaluation.BackdoorTest` of the triggered test images
-    whose true label differs from the attack target. ``train.meta['backdoorbench']`` holds the
-    record's metadata (model name, dataset, image size, clean root used).
-    """
-    from .evaluation import BackdoorTest
-
-    rp = Path(record_dir).expanduser()
-    record_path = rp if rp.is_file() else rp / RECORD_FILE
-    if not record_path.is_file():
-        raise DatasetError(f"{rp}: no {RECORD_FILE} found (expected a BackdoorBench record folder record/<name>/)")
-    rec = load_record(record_path)
-    rdir = record_path.parent
-    name = str(rec["clean_data"]).lower()
-    if name not in CLEAN_DATASETS:
-        raise DatasetError(f"{record_path}[clean_data]: dataset {rec['clean_data']!r} is not supported "
-                           f"(supported: {', '.join(sorted(CLEAN_DATASETS))})")
-    kind, markers = CLEAN_DATASETS[name]
-    img_size = rec["img_size"]
-    try:
-        size = (int(img_size[0]), int(img_size[1]))
-    except Exception:
-        raise DatasetError(f"{record_path}[img_size]: expected (H, W, C), got {img_size!r}") from None
-    data_path = rec["data_path"]
-    if not isinstance(data_path, str):
-        raise DatasetError(f"{record_path}[data_path]: expected a string, got {type(data_path).__name__}")
-    if clean_root is None and os.environ.get("CGD_DATA_ROOT"):
-        clean_root = os.environ["CGD_DATA_ROOT"]
-    tried = _clean_candidates(rdir, data_path, clean_root)
-    root = next((c for c in tried if _looks_like(kind, markers, c)), None)
-    if root is None:
-        raise DatasetError(
-            f"{record_path}: the clean {name} dataset the attack used is not stored in the record and was not found "
-            f"(record data_path {data_path!r}; tried {', '.join(str(c) for c in tried)}). Pass {_LAYOUT_HINT[kind]} as "
-            f"clean_root= (load_backdoorbench), data_root= (load_splits('backdoorbench:RECORD_DIR', data_root=...)) "
-            f"or the environment variable CGD_DATA_ROOT (for `cgd --data backdoorbench:RECORD_DIR`)."
-        )
-    clean_train, clean_test = _load_clean(name, root, size)
-    k = len(clean_train.classes)
-    if int(rec["num_classes"]) != k:
-        raise DatasetError(f"{record_path}[num_classes]: record says {rec['num_classes']} classes, the clean {name} "
-                           f"dataset at {root} has {k}")
-    hw = clean_train.image_size
-
-    if rec["bd_train"] is None:
-        raise DatasetError(f"{record_path}[bd_train]: the record holds no poisoned training set (the attack poisons "
+def poisoned_train(record: Record, clean_labels: np.ndarray, num_classes: int, decode: Decoder, clean_desc: str,
+                   size: tuple[int, int]) -> tuple[np.ndarray, PoisonedSplit]:
+    """The training set the victim saw: ``(rows, split)`` where ``rows`` (M,) are the clean training
+    indices in order and ``split`` holds the poisoned samples (positions into ``rows``). Checks the
+    record's original labels against ``clean_labels`` (N,) and the poisoned labels against
+    ``num_classes``. ``size`` (H, W): the clean images' size."""
+    if record.data["bd_train"] is None:
+        raise DatasetError(f"{record.path}[bd_train]: the record holds no poisoned training set (the attack poisons "
                            "batches during training), so there is no training set to audit")
-    rows, pos, imgs, bd, true = _poisoned_samples(rec["bd_train"], "bd_train", len(clean_train), hw, record_path)
-    _check_true_labels(true, clean_train.labels[rows[pos]], f"{record_path}[bd_train]", str(root))
-    images = clean_train.images[rows]  # fancy indexing copies
-    labels = clean_train.labels[rows].copy()
-    original = labels.copy()
-    mask = np.zeros(len(rows), bool)
-    images[pos] = imgs
-    labels[pos] = bd
-    mask[pos] = True
-    if len(labels) and (labels.min() < 0 or labels.max() >= k):
-        raise DatasetError(f"{record_path}[bd_train]: poisoned label {int(labels[(labels < 0) | (labels >= k)][0])} "
-                           f"out of range [0, {k})")
-    rid = rdir.resolve().name
-    train = ImageSet(images, labels, clean_train.classes, poison_mask=mask, original_labels=original,
-                     name=f"backdoorbench:{rid}:train")
+    sp = poisoned_split(record.data["bd_train"], "bd_train", len(clean_labels), size, record.path, decode)
+    _check_true_labels(sp.true_labels, clean_labels[sp.rows[sp.positions]], f"{record.path}[bd_train]", clean_desc)
+    bd = sp.bd_labels
+    if len(bd) and (bd.min() < 0 or bd.max() >= num_classes):
+        raise DatasetError(f"{record.path}[bd_train]: poisoned label {int(bd[(bd < 0) | (bd >= num_classes)][0])} "
+                           f"out of range [0, {num_classes})")
+    return sp.rows, sp
 
-    trows, tpos, timgs, tbd, ttrue = _poisoned_samples(rec["bd_test"], "bd_test", len(clean_test), hw, record_path)
-    _check_true_labels(ttrue, clean_test.labels[trows[tpos]], f"{record_path}[bd_test]", str(root))
-    if len(tbd) and (tbd.min() < 0 or tbd.max() >= k):
-        raise DatasetError(f"{record_path}[bd_test]: target label {int(tbd[(tbd < 0) | (tbd >= k)][0])} out of range [0, {k})")
-    keep = ttrue != tbd
-    test = ImageSet(clean_test.images, clean_test.labels, clean_test.classes, name=f"backdoorbench:{rid}:test")
-    test.meta["bd_test"] = BackdoorTest(timgs[keep], ttrue[keep], tbd[keep])
 
-    info = {
-        "record": str(record_path),
-        "clean_data": name,
-        "clean_root": str(root),
-        "data_path": data_path,
-        "model_name": str(rec["model_name"]),
-        "num_classes": k,
-        "img_size": [int(v) for v in img_size],
-        "poisoned_train": int(mask.sum()),
-        "bd_test": int(keep.sum()),
-    }
-    train.meta["backdoorbench"] = info
-    test.meta["backdoorbench"] = info
-    return train, test
+def backdoor_test(record: Record, clean_labels: np.ndarray, num_classes: int, decode: Decoder, clean_desc: str,
+                  size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The triggered test images whose true label differs from the target: ``(images (M, H, W, 3)
+    uint8, true_labels (M,), target_labels (M,))``, checked against the clean test labels (N,)."""
+    sp = poisoned_split(record.data["bd_test"], "bd_test", len(clean_labels), size, record.path, decode)
+    _check_true_labels(sp.true_labels, clean_labels[sp.rows[sp.positions]], f"{record.path}[bd_test]", clean_desc)
+    tbd = sp.bd_labels
+    if len(tbd) and (tbd.min() < 0 or tbd.max() >= num_classes):
+        raise DatasetError(f"{record.path}[bd_test]: target label {int(tbd[(tbd < 0) | (tbd >= num_classes)][0])} "
+                           f"out of range [0, {num_classes})")
+    keep = sp.true_labels != tbd
+    return sp.images[keep], sp.true_labels[keep], tbd[keep]

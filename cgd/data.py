@@ -1,17 +1,23 @@
-"""Datasets as uint8 arrays: the :class:`ImageSet` and its loaders.
+"""Datasets as uint8 arrays: the :class:`ImageSet`, its loaders and the dataset-kind registry.
 
 Every loader returns images as one ``(N, H, W, 3)`` uint8 array (RGB) and labels as ``(N,)``
 int64, decoded once and cached on disk (``$CGD_CACHE`` or ``~/.cache/cgd``) keyed by the files'
 names, sizes and modification times. Loaders that decode image files (ImageFolder, GTSRB,
 Tiny-ImageNet) stream the decoded pixels into an ``.npy`` file in the cache and return it
 memory-mapped (``mmap_mode='r'``): a set larger than RAM loads in constant memory, and
-:func:`iter_row_chunks` / :func:`release_pages` walk such an array without keeping it resident.
-Dataset specs are strings ``kind:PATH``:
+:func:`iter_row_chunks` / :func:`release_pages` walk such an array without keeping it resident
+(generic array I/O lives in :mod:`cgd.arrays`).
 
-``cifar10:ROOT``, ``cifar100:ROOT``, ``gtsrb:ROOT``, ``tinyimagenet:ROOT``, ``imagefolder:ROOT``,
-``npz:FILE``, ``backdoorbench:RECORD_DIR`` (a BackdoorBench attack record; see :mod:`cgd.backdoorbench`).
+Dataset specs are strings ``kind:PATH`` with the kinds of :data:`DATASET_KINDS` (one registry read by
+the loaders, the CLI help and the dashboard): ``cifar10:ROOT``, ``cifar100:ROOT``, ``gtsrb:ROOT``,
+``tinyimagenet:ROOT``, ``imagefolder:ROOT``, ``npz:FILE``, ``backdoorbench:RECORD_DIR`` (a
+BackdoorBench attack record, read by :mod:`cgd.backdoorbench` and joined with its clean dataset by
+:func:`load_backdoorbench`). An ImageFolder root holding ``train/`` and ``test/`` uses them as the two splits.
 
-An ImageFolder root holding ``train/`` and ``test/`` uses them as the two splits.
+Untrusted input is bounded before anything large is allocated: ``.npz`` files by their zip directory
+and ``.npy`` headers (:func:`inspect_npz`), CIFAR batches by their size (a pickle cannot declare more
+bytes than the file holds), implied class counts by :data:`MAX_CLASSES`; ImageFolder symlinks are
+followed only inside the dataset folder. Importing this module does not import torch.
 """
 from __future__ import annotations
 
@@ -23,37 +29,74 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import backdoorbench as _bb
+from .arrays import (  # noqa: F401  (iter_row_chunks, release_pages, take_rows, cache_dir: re-exported)
+    DatasetError,
+    NpyWriter,
+    atomic_savez,
+    cache_dir,
+    cached_arrays,
+    files_key,
+    inspect_npz,
+    iter_row_chunks,
+    read_npz,
+    release_pages,
+    remove_stale_temps,
+    take_rows,
+    to_uint8_images,
+)
+from .arrays import SPILL_BYTES as _DEFAULT_SPILL_BYTES
+from .zero_shot_metadata import GTSRB_CLASSNAMES
+
 __all__ = [
+    "ON_BAD_FILES",
     "ImageSet",
+    "BackdoorTest",
     "DatasetError",
+    "DatasetKind",
+    "DATASET_KINDS",
+    "DATASET_KIND_NAMES",
+    "parse_spec",
+    "spec_help",
     "load_dataset",
     "load_splits",
     "load_npz",
+    "inspect_npz",
     "save_npz",
     "load_imagefolder",
     "load_cifar",
     "load_gtsrb",
     "load_tinyimagenet",
+    "load_backdoorbench",
     "decode_images",
     "iter_row_chunks",
     "release_pages",
     "take_rows",
-    "DATASET_KINDS",
     "IMAGE_EXTENSIONS",
+    "MAX_CLASSES",
     "cache_dir",
+    "seeded_subset",
 ]
 
+# what an image folder's loader does with files it cannot use: "error" stops at the first (naming it);
+# "skip" leaves out files that are not images and links leading outside (counted) and stops at an
+# image file that cannot be decoded; "skip-unreadable" also leaves those out (counted)
+ON_BAD_FILES = ("skip", "error", "skip-unreadable")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # refuse decompression bombs; larger images need an explicit opt-in ($CGD_MAX_IMAGE_PIXELS)
 MAX_IMAGE_PIXELS = int(os.environ.get("CGD_MAX_IMAGE_PIXELS") or 8192 * 8192)
+# a class list implied by labels alone (an .npz without `classes`) is bounded; see load_npz
+MAX_CLASSES = 100_000
+SPILL_BYTES = _DEFAULT_SPILL_BYTES  # ImageSet.subset: larger selections from a memory map go to a temp file
 
-
-class DatasetError(ValueError):
-    """A dataset file or field is missing or malformed; the message names it."""
+# old private names, now in cgd.arrays
+_files_key = files_key
+_cached = cached_arrays
+_as_nhwc = to_uint8_images
 
 
 @dataclass
@@ -99,7 +142,14 @@ class ImageSet:
             bad = int(self.labels[(self.labels < 0) | (self.labels >= k)][0])
             raise DatasetError(f"{where}: label {bad} out of range [0, {k}) for {k} classes")
         if self.poison_mask is not None:
-            self.poison_mask = np.asarray(self.poison_mask).astype(bool)
+            pm = np.asarray(self.poison_mask)
+            if pm.dtype != bool:
+                if pm.dtype.kind not in "biuf":
+                    raise DatasetError(f"{where}: poison_mask must hold booleans or 0/1, got dtype {pm.dtype}")
+                bad = pm[(pm != 0) & (pm != 1)]
+                if bad.size:
+                    raise DatasetError(f"{where}: poison_mask must hold booleans or 0/1, found the value {bad.flat[0].item()!r}")
+            self.poison_mask = pm.astype(bool)
             if self.poison_mask.shape != self.labels.shape:
                 raise DatasetError(f"{where}: poison_mask must have shape {self.labels.shape}, got {self.poison_mask.shape}")
         if self.original_labels is not None:
@@ -141,7 +191,7 @@ class ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
         return replace(
             self,
-            images=take_rows(self.images, idx),
+            images=take_rows(self.images, idx, SPILL_BYTES),
             labels=self.labels[idx],
             poison_mask=None if self.poison_mask is None else self.poison_mask[idx],
             original_labels=None if self.original_labels is None else self.original_labels[idx],
@@ -158,87 +208,44 @@ class ImageSet:
         return self.labels if self.original_labels is None else self.original_labels
 
 
+@dataclass
+class BackdoorTest:
+    """Triggered test images for ASR/RA.
+
+    images : (M, H, W, 3) uint8, test images with the trigger applied (only samples whose true
+        label differs from their target).
+    true_labels : (M,) int64, the images' real classes.
+    target_labels : (M,) int64, the class the attacker wants (all equal for all-to-one).
+    """
+
+    images: np.ndarray
+    true_labels: np.ndarray
+    target_labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.true_labels = np.asarray(self.true_labels, np.int64)
+        self.target_labels = np.asarray(self.target_labels, np.int64)
+        if not (len(self.images) == len(self.true_labels) == len(self.target_labels)):
+            raise ValueError("BackdoorTest: images, true_labels and target_labels must have equal lengths")
+
+    def __len__(self) -> int:
+        return len(self.true_labels)
+
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding and caching
 # --------------------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    """Folder for decoded-array caches: ``$CGD_CACHE`` or ``~/.cache/cgd``."""
-    d = Path(os.environ.get("CGD_CACHE", Path.home() / ".cache" / "cgd"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _files_key(files: Sequence[str | Path], extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError as e:
-            raise DatasetError(f"{f}: cannot read file ({e.strerror or e})") from None
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
-
-
-def _cached(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Load arrays cached under ``key`` or build and cache them (atomic write, no pickle)."""
-    path = cache_dir() / f"{key}.npz"
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except Exception:  # a corrupt cache entry is rebuilt
-            path.unlink(missing_ok=True)
-    arrays = build()
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return arrays
-
-
-SPILL_BYTES = 64 << 20  # take_rows: larger selections from a memory map go to a temp file, not memory
-
-
-def take_rows(arr: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``arr[idx]`` along the first axis.
-
-    From a memory map, a selection of more than :data:`SPILL_BYTES` is gathered chunk by chunk
-    into an unlinked temp file in :func:`cache_dir` and returned memory-mapped read-only: the file
-    has no name from the start, so it disappears with the last reference (or a killed process) and
-    never needs cleaning up. Anything else is plain fancy indexing.
-    """
-    import tempfile
-
-    idx = np.asarray(idx, dtype=np.int64)
-    row_bytes = arr.nbytes // len(arr) if len(arr) else 0
-    if getattr(arr, "_mmap", None) is None or len(idx) * row_bytes <= SPILL_BYTES:
-        return arr[idx]
-    fd, name = tempfile.mkstemp(prefix=".rows-", suffix=".tmp", dir=cache_dir())
-    os.unlink(name)
-    with os.fdopen(fd, "w+b") as f:
-        f.truncate(len(idx) * row_bytes)
-        step = max(1, (32 << 20) // row_bytes)
-        for lo in range(0, len(idx), step):
-            block = np.ascontiguousarray(arr[idx[lo:lo + step]])
-            view, pos = memoryview(block).cast("B"), lo * row_bytes
-            while len(view):
-                k = os.pwrite(fd, view, pos)
-                view, pos = view[k:], pos + k
-            release_pages(arr)
-        return np.memmap(f, dtype=arr.dtype, mode="r", shape=(len(idx),) + arr.shape[1:])
-
-
-def _cached_images(key: str, files: Sequence[Path], size: tuple[int, int] | None,
-                   **small: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Decoded ``files`` (memory-mapped read-only, see :func:`decode_images`) and the ``small``
-    arrays (labels), cached under ``key``.
+def _cached_images(key: str, files: Sequence[str | Path], size: tuple[int, int] | None,
+                   **small: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Decoded ``files`` (memory-mapped read-only, see :func:`decode_images`), the ``small``
+    arrays (labels) and how many files were resized to the common size, cached under ``key``.
 
     The pixels live in ``KEY.x.npy`` (streamed, renamed into place when complete), the small arrays
     in ``KEY.npz``, written last: an entry counts only when both exist and agree on N, so a killed
     or failed build leaves nothing that is ever read back (its temp files are removed by the next).
     """
-    from .runs import remove_stale_temps
-
     d = cache_dir()
     xp, zp = d / f"{key}.x.npy", d / f"{key}.npz"
     if zp.is_file() and xp.is_file():
@@ -247,21 +254,19 @@ def _cached_images(key: str, files: Sequence[Path], size: tuple[int, int] | None
                 arrays = {k: z[k] for k in z.files}
             x = np.load(xp, mmap_mode="r", allow_pickle=False)
             n_ok = int(arrays.pop("_n", -1)) == len(files) == len(x)
-            if n_ok and x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] == 3 and set(arrays) == set(small):
-                return x, arrays
+            resized = int(arrays.pop("_resized", -1))  # entries from before the count was kept are rebuilt
+            if (n_ok and resized >= 0 and x.dtype == np.uint8 and x.ndim == 4 and x.shape[-1] == 3
+                    and set(arrays) == set(small)):
+                return x, arrays, resized
         except Exception:  # a corrupt cache entry is rebuilt
             pass
     zp.unlink(missing_ok=True)
     xp.unlink(missing_ok=True)
     remove_stale_temps(d, prefix=f".{key}.")
-    x = decode_images(files, size, out=xp)
-    tmp = d / f".{key}.npz.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, _n=np.int64(len(files)), **small)
-        os.replace(tmp, zp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return x, dict(small)
+    stats: dict[str, Any] = {}
+    x = decode_images(files, size, out=xp, stats=stats)
+    atomic_savez(zp, _n=np.int64(len(files)), _resized=np.int64(stats["resized"]), **small)
+    return x, dict(small), int(stats["resized"])
 
 
 def _pil():
@@ -277,6 +282,12 @@ def _pil():
 
 
 def _decode_one(path: str | Path, size: tuple[int, int] | None) -> np.ndarray:
+    """One image file as (H, W, 3) uint8, resized to ``size`` (H, W) when given."""
+    return _decode_file(path, size)[0]
+
+
+def _decode_file(path: str | Path, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]:
+    """(:func:`_decode_one`'s array, whether the image had to be resized)."""
     from PIL import UnidentifiedImageError
 
     Image = _pil()
@@ -299,9 +310,10 @@ def _decode_one(path: str | Path, size: tuple[int, int] | None) -> np.ndarray:
                 arr = np.clip(np.rint(np.clip(arr, 0, None) * scale), 0, 255).astype(np.uint8)
                 im = Image.fromarray(arr)
             im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
+            resized = size is not None and im.size != (size[1], size[0])
+            if resized:
                 im = im.resize((size[1], size[0]), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), resized
     except DatasetError:
         raise
     except Image.DecompressionBombError as e:
@@ -324,8 +336,8 @@ def _image_size(path: str | Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: cannot read image header ({e})") from None
 
 
-def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, workers: int | None = None,
-                  out: str | os.PathLike | None = None) -> np.ndarray:
+def decode_images(files: Sequence[str | Path], size: tuple[int, int] | None = None, workers: int | None = None,
+                  out: str | os.PathLike | None = None, stats: dict | None = None) -> np.ndarray:
     """Decode image files to one (N, H, W, 3) uint8 array.
 
     ``size`` (H, W): resize every image to it (bicubic). When ``None`` all images must share a size,
@@ -337,32 +349,40 @@ def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None, wo
     writes its decoded chunk straight into a temp file (``os.pwrite``), which is renamed onto
     ``out`` once every image is in and removed on any error — and return it memory-mapped
     read-only. Resident memory stays at a few chunks whatever N is.
-    """
-    from .runs import NpyWriter
 
+    ``stats``: a dict that receives ``"resized"`` (how many images had another size than the
+    output and were resized) and ``"size"`` ((H, W), the output size).
+    """
     files = [os.fspath(f) for f in files]  # plain strings: a list of a million Paths alone takes ~400 MB
+    if stats is not None:
+        stats.update(resized=0, size=None)
     if not files:
         return np.zeros((0, 1, 1, 3), np.uint8)
     if size is None:
         sizes = Counter(_image_size(f) for f in files[:256])
         size = sizes.most_common(1)[0][0]
-    shape = (len(files), int(size[0]), int(size[1]), 3)
+    size = (int(size[0]), int(size[1]))
+    shape = (len(files), size[0], size[1], 3)
     if out is None:
         arr = np.empty(shape, np.uint8)
 
         def put(lo: int, block: np.ndarray) -> None:
             arr[lo:lo + len(block)] = block
 
-        _decode_into(files, size, workers, put)
-        return arr
-    with NpyWriter(out, shape, np.uint8) as w:
-        _decode_into(files, size, workers, w.write_at)
-    return np.load(out, mmap_mode="r", allow_pickle=False)
+        resized = _decode_into(files, size, workers, put)
+    else:
+        with NpyWriter(out, shape, np.uint8) as w:
+            resized = _decode_into(files, size, workers, w.write_at)
+        arr = np.load(out, mmap_mode="r", allow_pickle=False)
+    if stats is not None:
+        stats.update(resized=resized, size=size)
+    return arr
 
 
 def _decode_into(files: Sequence[str], size: tuple[int, int], workers: int | None,
-                 sink: Callable[[int, np.ndarray], None]) -> None:
+                 sink: Callable[[int, np.ndarray], None]) -> int:
     """Decode ``files`` in chunks on a thread pool; ``sink(first_row, block)`` receives each chunk.
+    Returns how many images were resized to ``size``.
 
     Fails fast: the first error stops the other workers and is raised (lowest chunk first)."""
     import threading
@@ -372,14 +392,17 @@ def _decode_into(files: Sequence[str], size: tuple[int, int], workers: int | Non
     step = int(np.clip((8 << 20) // max(size[0] * size[1] * 3, 1), 1, 256))
     stop = threading.Event()
 
-    def work(lo: int) -> None:
+    def work(lo: int) -> int:
         hi = min(lo + step, n)
         buf = np.empty((hi - lo, size[0], size[1], 3), np.uint8)
+        resized = 0
         for i in range(lo, hi):
             if stop.is_set():
-                return
-            buf[i - lo] = _decode_one(files[i], size)
+                return resized
+            buf[i - lo], r = _decode_file(files[i], size)
+            resized += r
         sink(lo, buf)
+        return resized
 
     ex = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) * 2))
     futs = [ex.submit(work, lo) for lo in range(0, n, step)]
@@ -388,6 +411,7 @@ def _decode_into(files: Sequence[str], size: tuple[int, int], workers: int | Non
         failed = [f for f in futs if f.done() and not f.cancelled() and f.exception() is not None]
         if failed:
             raise failed[0].exception()
+        return sum(f.result() for f in futs)
     except BaseException:
         stop.set()
         for f in futs:
@@ -395,58 +419,6 @@ def _decode_into(files: Sequence[str], size: tuple[int, int], workers: int | Non
         raise
     finally:
         ex.shutdown(wait=True)
-
-
-def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
-    try:
-        from numpy.lib.array_utils import byte_bounds
-    except ImportError:  # numpy < 2
-        byte_bounds = np.byte_bounds
-    return byte_bounds(a)
-
-
-def release_pages(arr: np.ndarray) -> None:
-    """Let the OS drop the resident pages under ``arr``, a slice of a memory-mapped file.
-
-    For a read-only or shared map (``np.memmap`` modes ``'r'``, ``'r+'``, ``'w+'``) the data stays
-    on disk and in the page cache and is read back on the next access: only the process's resident
-    memory changes (Linux ``MADV_DONTNEED``). A no-op for in-memory arrays, copy-on-write maps
-    (mode ``'c'``, whose private changes would be lost) and platforms without ``madvise``.
-    """
-    import mmap
-
-    mm = getattr(arr, "_mmap", None)
-    if mm is None or getattr(arr, "mode", "c") not in ("r", "r+", "w+") or arr.size == 0 or not hasattr(mm, "madvise"):
-        return
-    try:
-        base = np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
-        lo, hi = _byte_bounds(arr)
-        ps = mmap.PAGESIZE
-        start = (lo - base) // ps * ps
-        end = min(-(-(hi - base) // ps) * ps, len(mm))
-        if 0 <= start < end:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-    except (ValueError, OSError, BufferError, TypeError, AttributeError):
-        pass
-
-
-def iter_row_chunks(arr: np.ndarray, max_bytes: int = 32 << 20):
-    """Yield ``(start, stop, arr[start:stop])`` over the rows of ``arr`` in slices of at most
-    ``max_bytes`` (at least one row each).
-
-    Slices of a memory map are released (:func:`release_pages`) once the consumer asks for the
-    next one, so walking a larger-than-RAM array keeps resident memory flat. The slices are views:
-    copy what must outlive the step.
-    """
-    n = len(arr)
-    if n == 0:
-        return
-    step = max(1, int(max_bytes) // max(1, arr.nbytes // n))
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        block = arr[start:stop]
-        yield start, stop, block
-        release_pages(block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,75 +441,47 @@ def save_npz(path: str | os.PathLike, train: ImageSet, test: ImageSet | None = N
         arrays["x_test"] = test.images
         arrays["y_test"] = test.labels
     arrays.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_savez(path, **arrays)
 
 
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such .npz file")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DatasetError(f"{path}: not a readable .npz file ({e.__class__.__name__}: {e})") from None
-    if not hasattr(z, "files"):
-        raise DatasetError(f"{path}: a single .npy array, expected an .npz archive with arrays x and y")
-    out: dict[str, np.ndarray] = {}
-    with z:
-        for k in z.files:
-            try:
-                out[k] = z[k]
-            except ValueError as e:
-                raise DatasetError(f"{path}[{k}]: refused to load ({e}); object arrays (pickle) are not accepted") from None
-            except Exception as e:
-                raise DatasetError(f"{path}[{k}]: unreadable array ({e.__class__.__name__}: {e})") from None
-    return out
-
-
-def _as_nhwc(x: np.ndarray, where: str) -> np.ndarray:
-    if x.ndim == 3:  # grayscale N,H,W
-        x = np.repeat(x[..., None], 3, axis=-1)
-    if x.ndim != 4:
-        raise DatasetError(f"{where}: expected images of shape (N, H, W, 3), got {x.shape}")
-    if x.size == 0:
-        raise DatasetError(f"{where}: holds no images (shape {x.shape})")
-    if x.shape[-1] != 3 and x.shape[1] in (1, 3):  # NCHW
-        x = np.moveaxis(x, 1, -1)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    if x.shape[-1] != 3:
-        raise DatasetError(f"{where}: expected 3 colour channels, got shape {x.shape}")
-    if x.dtype != np.uint8:
-        if x.dtype.kind == "f":
-            if not np.isfinite(x).all():
-                raise DatasetError(f"{where}: images contain NaN or infinite values")
-            lo, hi = float(x.min()), float(x.max())
-            if lo < -1e-6 or hi > 255.0 + 1e-6:
-                raise DatasetError(f"{where}: float images must lie in [0, 1] or [0, 255], got [{lo:.4g}, {hi:.4g}] "
-                                   "(normalised data? store uint8 pixels)")
-            scale = 255.0 if hi <= 1.0 + 1e-6 else 1.0
-            x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
-        elif x.dtype.kind in "iu":
-            if x.min() < 0 or x.max() > 255:
-                raise DatasetError(f"{where}: integer images must lie in [0, 255], got [{x.min()}, {x.max()}]")
-            x = x.astype(np.uint8)
-        else:
-            raise DatasetError(f"{where}: images must be uint8 (or float in [0, 1]), got {x.dtype}")
-    return np.ascontiguousarray(x)
+def _implied_classes(path: Path, z: dict[str, np.ndarray]) -> list[str]:
+    """Class names "0".."K-1" for an ``.npz`` without ``classes``: K = 1 + the largest label in ``y``
+    and ``y_test``. Bounded before anything is built: K must be at most :data:`MAX_CLASSES` and,
+    above 1,000 classes, at most the number of labelled samples (more classes than samples is a
+    corrupt label field, not a dataset)."""
+    top, field_, n = 0, "y", 0
+    for key in ("y", "y_test"):
+        if key in z:
+            y = z[key]
+            if y.ndim != 1 or y.dtype.kind not in "iu":
+                continue  # reported by the label checks
+            n += len(y)
+            m = int(y.max(initial=0))
+            if m > top:
+                top, field_ = m, key
+    k = top + 1
+    if k > MAX_CLASSES or (k > 1000 and k > n):
+        raise DatasetError(f"{path}[{field_}]: label {top} implies {k:,} classes for {n:,} labelled samples; expected "
+                           f"at most {MAX_CLASSES:,} classes and, above 1,000, no more classes than samples "
+                           "(add a 'classes' array naming them if the labels are right)")
+    return [str(i) for i in range(k)]
 
 
 def load_npz(path: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[ImageSet, ImageSet | None]:
     """Read a ``.npz`` with ``x``, ``y`` (required) and optional ``poison_mask``, ``original_labels``,
-    ``classes``, ``x_test``/``y_test``. Returns (train, test or None)."""
+    ``classes``, ``x_test``/``y_test`` (and ``x_test_bd``, ``y_test_bd``, ``target_test_bd``).
+    Returns (train, test or None).
+
+    The file is checked by :func:`inspect_npz` (sizes, zip bombs, object arrays) before any array
+    is read. Images follow :func:`cgd.arrays.to_uint8_images` (dtype/range rules, at least 2x2);
+    every split must have the training images' size; ``poison_mask`` holds booleans or 0/1.
+    """
     path = Path(path)
-    z = _npz_arrays(path)
+    z = read_npz(path)
     for key in ("x", "y"):
         if key not in z:
             raise DatasetError(f"{path}: missing array {key!r} (found {sorted(z)})")
-    x = _as_nhwc(z["x"], f"{path}[x]")
+    x = to_uint8_images(z["x"], f"{path}[x]")
     y = z["y"]
     if y.ndim != 1 or len(y) != len(x):
         raise DatasetError(f"{path}[y]: expected shape ({len(x)},) to match x, got {y.shape}")
@@ -547,10 +491,11 @@ def load_npz(path: str | os.PathLike, classes: Sequence[str] | None = None) -> t
         if "classes" in z:
             if z["classes"].ndim != 1:
                 raise DatasetError(f"{path}[classes]: expected a (K,) array of class names, got shape {z['classes'].shape}")
+            if len(z["classes"]) > MAX_CLASSES:
+                raise DatasetError(f"{path}[classes]: {len(z['classes']):,} class names, more than the limit of {MAX_CLASSES:,}")
             classes = [str(c) for c in z["classes"]]
         else:
-            k = int(max(y.max(initial=0), z["y_test"].max(initial=0) if "y_test" in z else 0)) + 1
-            classes = [str(i) for i in range(k)]
+            classes = _implied_classes(path, z)
     k = len(classes)
     _check_labels(y, k, f"{path}[y]", len(x))
     for key in ("poison_mask", "original_labels"):
@@ -558,8 +503,13 @@ def load_npz(path: str | os.PathLike, classes: Sequence[str] | None = None) -> t
             raise DatasetError(f"{path}[{key}]: expected shape {y.shape} to match y, got {z[key].shape}")
     if "original_labels" in z:
         _check_labels(z["original_labels"], k, f"{path}[original_labels]", len(x))
-    if "poison_mask" in z and z["poison_mask"].dtype.kind not in "biu":
-        raise DatasetError(f"{path}[poison_mask]: expected booleans (or 0/1 integers), got {z['poison_mask'].dtype}")
+    if "poison_mask" in z:
+        pm = z["poison_mask"]
+        if pm.dtype.kind not in "biu":
+            raise DatasetError(f"{path}[poison_mask]: expected booleans (or 0/1 integers), got {pm.dtype}")
+        if pm.dtype.kind != "b" and pm.size and (pm.min() < 0 or pm.max() > 1):
+            bad = pm[(pm < 0) | (pm > 1)][0]
+            raise DatasetError(f"{path}[poison_mask]: expected booleans (or 0/1 integers), found the value {bad}")
     try:
         train = ImageSet(
             x, y, list(classes),
@@ -573,22 +523,30 @@ def load_npz(path: str | os.PathLike, classes: Sequence[str] | None = None) -> t
     if "x_test" in z:
         if "y_test" not in z:
             raise DatasetError(f"{path}: has x_test but no y_test")
-        xt = _as_nhwc(z["x_test"], f"{path}[x_test]")
+        xt = to_uint8_images(z["x_test"], f"{path}[x_test]")
+        _check_same_size(xt, x, f"{path}[x_test]", f"{path}[x]")
         _check_labels(z["y_test"], k, f"{path}[y_test]", len(xt))
         test = ImageSet(xt, z["y_test"], list(classes), name=f"{path.name}:test")
     if "x_test_bd" in z:
-        from .evaluation import BackdoorTest
 
         for key in ("y_test_bd", "target_test_bd"):
             if key not in z:
                 raise DatasetError(f"{path}: has x_test_bd but no {key} (true labels and target labels of the triggered test images)")
         if test is None:
             raise DatasetError(f"{path}: has x_test_bd but no clean test split (x_test, y_test)")
-        xb = _as_nhwc(z["x_test_bd"], f"{path}[x_test_bd]")
+        xb = to_uint8_images(z["x_test_bd"], f"{path}[x_test_bd]")
+        _check_same_size(xb, x, f"{path}[x_test_bd]", f"{path}[x]")
         _check_labels(z["y_test_bd"], k, f"{path}[y_test_bd]", len(xb))
         _check_labels(z["target_test_bd"], k, f"{path}[target_test_bd]", len(xb))
         test.meta["bd_test"] = BackdoorTest(xb, z["y_test_bd"], z["target_test_bd"])
     return train, test
+
+
+def _check_same_size(x: np.ndarray, ref: np.ndarray, where: str, ref_where: str) -> None:
+    """Raise unless the (N, H, W, 3) images ``x`` have the (H, W) of ``ref``."""
+    if x.shape[1:3] != ref.shape[1:3]:
+        raise DatasetError(f"{where}: images of {x.shape[1]}x{x.shape[2]} pixels (shape {x.shape}) but {ref_where} "
+                           f"holds {ref.shape[1]}x{ref.shape[2]} (shape {ref.shape}); every split must have one image size")
 
 
 def _check_labels(y: np.ndarray, k: int, where: str, n: int) -> None:
@@ -607,23 +565,91 @@ def _check_labels(y: np.ndarray, k: int, where: str, n: int) -> None:
 # ImageFolder
 # --------------------------------------------------------------------------------------------
 
-def _list_imagefolder(root: Path, on_bad: str = "skip") -> tuple[list[str], list[int], list[str], int]:
-    """Image files (as strings: compact for millions of files), labels, class names, non-image count."""
+def _link_target(link: str, base: str) -> str | None:
+    """The resolved target of the symlink ``link`` when it exists and lies inside ``base`` (a
+    resolved folder); ``None`` for a dangling or looping link or one that leads outside."""
+    try:
+        target = os.path.realpath(link, strict=True)
+    except (OSError, RuntimeError, ValueError):  # dangling (ENOENT) or a loop (ELOOP)
+        return None
+    return target if target == base or target.startswith(base.rstrip(os.sep) + os.sep) else None
+
+
+def _walk_class(folder: str, base: str, on_link: Callable[[str], None]) -> list[str]:
+    """Files under ``folder`` (recursively, hidden files skipped, symlinked sub-folders not entered),
+    sorted as :class:`pathlib.Path` sorts them. A symlinked file is listed by its target when that
+    lies inside ``base``; every other symlink that is dangling, looping or leads outside goes to
+    ``on_link``."""
+    found: list[tuple[tuple[str, ...], str]] = []
+
+    def walk(d: str, rel: tuple[str, ...]) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError as e:
+            raise DatasetError(f"{d}: cannot list folder ({e.strerror or e})") from None
+        for e in entries:
+            if e.is_symlink():
+                if e.name.startswith("."):
+                    continue
+                target = _link_target(e.path, base)
+                if target is None:
+                    on_link(e.path)
+                elif os.path.isfile(target):
+                    found.append((rel + (e.name,), target))
+                # a symlinked folder inside the root is not entered (as Path.rglob does not)
+            elif e.is_dir(follow_symlinks=False):
+                walk(e.path, rel + (e.name,))
+            elif e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                found.append((rel + (e.name,), e.path))
+
+    walk(folder, ())
+    found.sort(key=lambda t: t[0])
+    return [f for _, f in found]
+
+
+def _list_imagefolder(root: Path, on_bad: str = "skip", link_root: Path | None = None
+                      ) -> tuple[list[str], list[int], list[str], int, int]:
+    """Image files (as strings: compact for millions of files), labels, class names, and the counts
+    of skipped non-image files and skipped symlinks.
+
+    Symlinks (class folders or files) are followed only when they resolve inside ``link_root``
+    (default ``root``); dangling, looping or outside links are skipped and counted, or with
+    ``on_bad="error"`` refused with a :class:`DatasetError` naming the link."""
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (expected ROOT/<class>/<image files>)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    base = os.path.realpath(link_root if link_root is not None else root)
+    skipped_links = 0
+
+    def bad_link(p: str) -> None:
+        nonlocal skipped_links
+        if on_bad == "error":
+            raise DatasetError(f"{p}: symbolic link that is dangling, loops or leads outside the dataset folder {base}; "
+                               "refused (use on_bad='skip' / --on-bad-files skip to skip such links)")
+        skipped_links += 1
+
+    class_dirs: list[tuple[str, str]] = []
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        if e.name.startswith("."):
+            continue
+        if e.is_symlink():
+            target = _link_target(e.path, base)
+            if target is None:
+                bad_link(e.path)
+            elif os.path.isdir(target):
+                class_dirs.append((e.name, target))
+        elif e.is_dir(follow_symlinks=False):
+            class_dirs.append((e.name, e.path))
+    classes = [c for c, _ in class_dirs]
     if len(classes) < 2:
         raise DatasetError(f"{root}: expected at least 2 class folders, found {len(classes)}")
     files: list[str] = []
     labels: list[int] = []
     skipped = 0
-    for i, c in enumerate(classes):
+    for i, (c, d) in enumerate(class_dirs):
         n_before = len(files)
-        for f in sorted((root / c).rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(str(f))
+        for f in _walk_class(d, base, bad_link):
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                files.append(f)
                 labels.append(i)
             elif on_bad == "error":
                 raise DatasetError(f"{f}: not an image file (extensions accepted: {', '.join(IMAGE_EXTENSIONS)})")
@@ -631,32 +657,121 @@ def _list_imagefolder(root: Path, on_bad: str = "skip") -> tuple[list[str], list
                 skipped += 1
         if len(files) == n_before:
             raise DatasetError(f"{root / c}: class folder {c!r} holds no images")
-    return files, labels, classes, skipped
+    return files, labels, classes, skipped, skipped_links
 
 
-def load_imagefolder(root: str | os.PathLike, size: tuple[int, int] | None = None, on_bad: str = "skip") -> ImageSet:
+def load_imagefolder(root: str | os.PathLike, size: tuple[int, int] | None = None, on_bad: str = "skip",
+                     link_root: str | os.PathLike | None = None) -> ImageSet:
     """Read ``ROOT/<class>/<image>`` (classes sorted by name) into an ImageSet, cached.
 
-    ``on_bad``: ``"skip"`` counts non-image files (in ``meta['skipped_files']``), ``"error"`` raises.
-    Corrupt image files always raise a :class:`DatasetError` naming the file.
+    ``on_bad``: ``"skip"`` counts non-image files (``meta['skipped_files']``) and symlinks that are
+    dangling, loop or resolve outside ``link_root`` (default ``root``; ``meta['skipped_links']``) and
+    refuses an image file that cannot be decoded, naming it; ``"skip-unreadable"`` leaves those out too
+    (also counted in ``meta['skipped_files']``); ``"error"`` raises a :class:`DatasetError` naming the first. ``meta['files']`` lists the files in row order, relative
+    to ``meta['files_root']`` (``link_root`` or ``root``).
+    ``size`` (H, W): resize every image to it; without it the most common size is used. Images of
+    another size are resized, and counted in ``meta['resized_files']`` with the size in
+    ``meta['resized_to']`` ([H, W]).
     """
-    if on_bad not in ("skip", "error"):
-        raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    if on_bad not in ON_BAD_FILES:
+        raise ValueError(f"on_bad must be one of {', '.join(ON_BAD_FILES)}, got {on_bad!r}")
     root = Path(root)
-    files, labels, classes, skipped = _list_imagefolder(root, on_bad)
-    key = "imagefolder-" + _files_key(files, f"{root.resolve()}|{size}")
-    x, arr = _cached_images(key, files, size, y=np.array(labels, np.int64))
+    files, labels, classes, skipped, links = _list_imagefolder(root, on_bad, None if link_root is None else Path(link_root))
+    key = "imagefolder-" + files_key(files, f"{root.resolve()}|{size}")
+    try:
+        x, arr, resized = _cached_images(key, files, size, y=np.array(labels, np.int64))
+    except DatasetError as e:
+        if on_bad != "skip-unreadable":
+            raise DatasetError(f"{e} (use --on-bad-files skip-unreadable to leave such files out, counted)") from None
+        # leave out the files that cannot be decoded (counted), then decode the rest
+        keep = [i for i, f in enumerate(files) if _decodable(f)]
+        skipped += len(files) - len(keep)
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        if not files:
+            raise DatasetError(f"{root}: none of the image files can be decoded") from None
+        key = "imagefolder-" + files_key(files, f"{root.resolve()}|{size}")
+        x, arr, resized = _cached_images(key, files, size, y=np.array(labels, np.int64))
     s = ImageSet(x, arr["y"], classes, name=f"imagefolder:{root}")
     s.meta["skipped_files"] = skipped
+    s.meta["skipped_links"] = links
+    s.meta["resized_files"] = resized
+    s.meta["resized_to"] = list(s.image_size)
+    base = Path(link_root) if link_root is not None else root
+    s.meta["files"] = [os.path.relpath(f, base) for f in files]  # row order; relative to files_root
+    s.meta["files_root"] = str(base.resolve())
     return s
+
+
+def _decodable(path: str) -> bool:
+    try:
+        _decode_file(path, None)
+        return True
+    except DatasetError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (torchvision's python pickle layout)
 # --------------------------------------------------------------------------------------------
 
+def _declared_bytes(shape: Any, dtype: Any) -> int | None:
+    """Bytes an array of ``shape`` and ``dtype`` (as a pickle passes them) would take; ``None`` when
+    they are not understood (numpy then refuses them itself)."""
+    try:
+        dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+        n = np.dtype(dtype).itemsize
+    except Exception:
+        return None
+    for d in dims:
+        n *= max(d, 0)
+    return n
+
+
+def _scan_pickle(data: bytes, path: Path) -> None:
+    """Walk the opcodes of the pickle ``data`` without building anything; refuse any length-prefixed
+    argument (bytes, strings, longs) that declares more bytes than the file has left, so that the
+    unpickler never allocates what a small file merely declares."""
+    import pickletools
+
+    n, pos = len(data), 0
+    widths = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False), pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
+              pickletools.TAKEN_FROM_ARGUMENT4U: (4, False), pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
+    while pos < n:
+        code = data[pos]
+        op = pickletools.code2op.get(chr(code))
+        if op is None:
+            raise DatasetError(f"{path}: not a CIFAR python batch (unknown pickle opcode 0x{code:02x} at byte {pos})")
+        pos += 1
+        if op.name == "STOP":
+            return
+        arg = op.arg
+        if arg is None:
+            continue
+        if arg.n >= 0:
+            pos += arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            for _ in range(2 if arg.name == "stringnl_noescape_pair" else 1):
+                j = data.find(b"\n", pos)
+                if j < 0:
+                    raise DatasetError(f"{path}: not a CIFAR python batch (truncated {op.name} at byte {pos})")
+                pos = j + 1
+        else:
+            width, signed = widths[arg.n]
+            length = int.from_bytes(data[pos:pos + width], "little", signed=signed)
+            pos += width
+            if length < 0 or pos + length > n:
+                raise DatasetError(f"{path}: declares a {length:,}-byte {op.name} field at byte {pos} but the file holds "
+                                   f"only {n:,} bytes; refused before allocating")
+            pos += length
+    raise DatasetError(f"{path}: not a CIFAR python batch (truncated: no STOP opcode in {n:,} bytes)")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for the CIFAR batches: plain containers and numpy arrays only, never code."""
+    """Unpickler for the CIFAR batches: plain containers and numpy arrays only, never code.
+
+    Arrays are bounded by ``limit`` bytes (the file's size: real data always comes from the file),
+    checked before numpy allocates what a pickle declares (``_reconstruct``/``ndarray`` shapes,
+    ``scalar`` dtypes)."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -664,22 +779,55 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
     }
 
+    def __init__(self, file: Any, limit: int, **kw: Any):
+        super().__init__(file, **kw)
+        self._limit = int(limit)
+
+    def _check(self, shape: Any, dtype: Any, what: str) -> None:
+        nbytes = _declared_bytes(shape, dtype)
+        if nbytes is not None and nbytes > self._limit:
+            raise DatasetError(f"declares a {what} of shape {shape!r} dtype {dtype!r} ({nbytes:,} bytes) but the file "
+                               f"holds only {self._limit:,} bytes; refused before allocating")
+
     def find_class(self, module: str, name: str):  # noqa: D102
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise DatasetError(f"refused to unpickle {module}.{name}: CIFAR batches hold only arrays and lists")
+        if (module, name) not in self._ALLOWED:
+            raise DatasetError(f"refused to unpickle {module}.{name}: CIFAR batches hold only arrays and lists")
+        obj = super().find_class(module, name)
+        if name == "ndarray":
+            def ndarray(shape: Any, dtype: Any = float, *args: Any, **kw: Any) -> np.ndarray:
+                self._check(shape, dtype, "array")
+                return np.ndarray(shape, dtype, *args, **kw)
+
+            self._ndarray = ndarray
+            return ndarray
+        if name == "_reconstruct":
+            def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+                self._check(shape, dtype, "array")
+                if subtype is getattr(self, "_ndarray", None):
+                    subtype = np.ndarray
+                return obj(subtype, shape, dtype)
+
+            return reconstruct
+        if name == "scalar":
+            def scalar(dtype: Any, *args: Any) -> Any:
+                self._check((), dtype, "scalar")
+                return obj(dtype, *args)
+
+            return scalar
+        return obj
 
 
 def _read_cifar_batch(path: Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"{path}: CIFAR batch file missing")
-    with open(path, "rb") as f:
-        try:
-            d = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-        except DatasetError as e:
-            raise DatasetError(f"{path}: {e}") from None
-        except Exception as e:
-            raise DatasetError(f"{path}: not a CIFAR python batch ({e.__class__.__name__}: {e})") from None
+    data = path.read_bytes()
+    _scan_pickle(data, path)
+    try:
+        d = _NumpyOnlyUnpickler(io.BytesIO(data), len(data), encoding="latin1").load()
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from None
+    except Exception as e:
+        raise DatasetError(f"{path}: not a CIFAR python batch ({e.__class__.__name__}: {e})") from None
     if not isinstance(d, dict):
         raise DatasetError(f"{path}: not a CIFAR python batch (expected a dict, got {type(d).__name__})")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -828,10 +976,8 @@ def load_gtsrb(root: str | os.PathLike, split: str = "train", size: tuple[int, i
             labels.append(cls)
     if not files:
         raise DatasetError(f"{base}: no GTSRB images found for split {split!r}")
-    key = f"gtsrb-{split}-" + _files_key(files, f"{base.resolve()}|{size}")
-    x, arr = _cached_images(key, files, size, y=np.array(labels, np.int64))
-    from .zero_shot_metadata import GTSRB_CLASSNAMES
-
+    key = f"gtsrb-{split}-" + files_key(files, f"{base.resolve()}|{size}")
+    x, arr, _ = _cached_images(key, files, size, y=np.array(labels, np.int64))
     return ImageSet(x, arr["y"], list(GTSRB_CLASSNAMES), name=f"gtsrb:{split}")
 
 
@@ -915,8 +1061,8 @@ def load_tinyimagenet(root: str | os.PathLike, split: str = "train", class_order
             raise DatasetError(f"{ann}: validation annotations missing (and no val/<wnid>/ folders)")
     if not files:
         raise DatasetError(f"{base}: no Tiny-ImageNet images found for split {split!r}")
-    key = f"tiny-{split}-{class_order}-" + _files_key(files, str(base.resolve()))
-    x, arr = _cached_images(key, files, (64, 64), y=np.array(labels, np.int64))
+    key = f"tiny-{split}-{class_order}-" + files_key(files, str(base.resolve()))
+    x, arr, _ = _cached_images(key, files, (64, 64), y=np.array(labels, np.int64))
     return ImageSet(x, arr["y"], [names[w] for w in wnids], name=f"tinyimagenet:{split}")
 
 
@@ -924,11 +1070,144 @@ def load_tinyimagenet(root: str | os.PathLike, split: str = "train", class_order
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
-DATASET_KINDS = ("cifar10", "cifar100", "gtsrb", "tinyimagenet", "imagefolder", "npz", "backdoorbench")
+def _markers(*names: str) -> Callable[[Path], bool]:
+    def detect(root: Path) -> bool:
+        return root.is_dir() and any((root / m).is_file() for m in names)
+
+    return detect
+
+
+def _is_gtsrb(root: Path) -> bool:
+    if not root.is_dir():
+        return False
+    try:
+        _gtsrb_base(root)
+        return True
+    except DatasetError:
+        return False
+
+
+def _spec_cifar(k: int) -> Callable[..., tuple[ImageSet, ImageSet | None]]:
+    def load(path: str, download: bool = False, **_: Any) -> tuple[ImageSet, ImageSet | None]:
+        return load_cifar(path, "train", k, download), load_cifar(path, "test", k, False)
+
+    return load
+
+
+def _spec_gtsrb(path: str, download: bool = False, **_: Any) -> tuple[ImageSet, ImageSet | None]:
+    return load_gtsrb(path, "train", download=download), load_gtsrb(path, "test", download=False)
+
+
+def _spec_tinyimagenet(path: str, **_: Any) -> tuple[ImageSet, ImageSet | None]:
+    return load_tinyimagenet(path, "train"), load_tinyimagenet(path, "val")
+
+
+def _spec_imagefolder(path: str, on_bad_files: str = "skip", **_: Any) -> tuple[ImageSet, ImageSet | None]:
+    root = Path(path)
+    if (root / "train").is_dir():
+        train = load_imagefolder(root / "train", on_bad=on_bad_files, link_root=root)
+        test = (load_imagefolder(root / "test", size=train.image_size, on_bad=on_bad_files, link_root=root)
+                if (root / "test").is_dir() else None)
+        if test is not None and test.classes != train.classes:
+            raise DatasetError(f"{root}: test/ classes {test.classes} differ from train/ classes {train.classes}")
+        return train, test
+    return load_imagefolder(root, on_bad=on_bad_files), None
+
+
+def _spec_npz(path: str, **_: Any) -> tuple[ImageSet, ImageSet | None]:
+    return load_npz(path)
+
+
+def _spec_backdoorbench(path: str, data_root: str | os.PathLike | None = None,
+                        allowed_root: str | os.PathLike | None = None, **_: Any) -> tuple[ImageSet, ImageSet | None]:
+    return load_backdoorbench(path, clean_root=data_root, allowed_root=allowed_root)
+
+
+def _clean_cifar(k: int) -> Callable[[Path, tuple[int, int]], tuple[ImageSet, ImageSet]]:
+    def load(root: Path, size: tuple[int, int]) -> tuple[ImageSet, ImageSet]:
+        return load_cifar(root, "train", k), load_cifar(root, "test", k)
+
+    return load
+
+
+def _clean_gtsrb(root: Path, size: tuple[int, int]) -> tuple[ImageSet, ImageSet]:
+    return load_gtsrb(root, "train", size=size), load_gtsrb(root, "test", size=size)
+
+
+def _clean_tinyimagenet(root: Path, size: tuple[int, int]) -> tuple[ImageSet, ImageSet]:
+    # BackdoorBench reads Tiny-ImageNet through torchvision's ImageFolder: classes sorted by wnid
+    return load_tinyimagenet(root, "train", class_order="sorted"), load_tinyimagenet(root, "val", class_order="sorted")
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """One kind of dataset spec (``name:PATH``), as the loaders, the CLI help and the dashboard see it.
+
+    name : the spec prefix (``"cifar10"``); label : a human name (``"CIFAR-10"``); layout : one line
+    on the expected folder or file layout; placeholder : what PATH names (``ROOT``, ``FILE``, ...);
+    downloadable : torchvision can download it into ROOT; is_file : PATH is a file, not a folder;
+    loader : ``loader(path, *, download, data_root, allowed_root, on_bad_files) -> (train, test or
+    None)`` (see :func:`load_splits`); detect : ``detect(folder) -> bool``, does the folder hold this
+    dataset (``None`` where that cannot be told); load_clean : ``load_clean(root, (H, W)) -> (train,
+    test)`` in BackdoorBench's sample order, set for the datasets BackdoorBench records can be built on.
+    """
+
+    name: str
+    label: str
+    layout: str
+    loader: Callable[..., tuple[ImageSet, ImageSet | None]] = field(repr=False)
+    placeholder: str = "ROOT"
+    downloadable: bool = False
+    is_file: bool = False
+    detect: Callable[[Path], bool] | None = field(default=None, repr=False)
+    load_clean: Callable[[Path, tuple[int, int]], tuple[ImageSet, ImageSet]] | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> str:
+        """The spec pattern, e.g. ``"cifar10:ROOT"``."""
+        return f"{self.name}:{self.placeholder}"
+
+
+DATASET_KINDS: dict[str, DatasetKind] = {k.name: k for k in (
+    DatasetKind("cifar10", "CIFAR-10",
+                "The official python version: a folder holding `cifar-10-batches-py/` (or its batch files).",
+                _spec_cifar(10), downloadable=True,
+                detect=_markers("cifar-10-batches-py/data_batch_1", "data_batch_1"), load_clean=_clean_cifar(10)),
+    DatasetKind("cifar100", "CIFAR-100",
+                "The official python version: a folder holding `cifar-100-python/` (or its `train`, `test` and `meta` files).",
+                _spec_cifar(100), downloadable=True,
+                detect=_markers("cifar-100-python/train", "train"), load_clean=_clean_cifar(100)),
+    DatasetKind("gtsrb", "GTSRB",
+                "The official layout (`GTSRB/Final_Training/Images/000NN/*.ppm`, `GTSRB/Final_Test/...` with "
+                "`GT-final_test.csv`), torchvision's `gtsrb/GTSRB/Training/` or BackdoorBench's `Train/` and `Test/`.",
+                _spec_gtsrb, downloadable=True, detect=_is_gtsrb, load_clean=_clean_gtsrb),
+    DatasetKind("tinyimagenet", "Tiny-ImageNet",
+                "`tiny-imagenet-200/` with `train/<wnid>/images/` and `val/` (`val_annotations.txt` or `val/<wnid>/`).",
+                _spec_tinyimagenet,
+                detect=_markers("tiny-imagenet-200/wnids.txt", "wnids.txt"), load_clean=_clean_tinyimagenet),
+    DatasetKind("imagefolder", "Image folder (one sub-folder per class)",
+                "`ROOT/<class>/*.jpg`, or `ROOT/train/<class>/` and `ROOT/test/<class>/` for two splits "
+                "(else a seeded 10% hold-out).",
+                _spec_imagefolder),
+    DatasetKind("npz", "NumPy .npz file",
+                "Arrays `x` (N,H,W,3 uint8) and `y` (N,); optional `poison_mask`, `original_labels`, `classes`, "
+                "`x_test`, `y_test`. No pickled objects.",
+                _spec_npz, placeholder="FILE", is_file=True),
+    DatasetKind("backdoorbench", "BackdoorBench attack record",
+                "A BackdoorBench attack record folder (`attack_result.pt` with its bd_train / bd_test data); the clean "
+                "dataset it used is found from the record's data_path or the data root.",
+                _spec_backdoorbench, placeholder="RECORD_DIR"),
+)}
+DATASET_KIND_NAMES: tuple[str, ...] = tuple(DATASET_KINDS)  # the names alone (DATASET_KINDS was this tuple)
+
+
+def spec_help() -> str:
+    """One line listing the spec patterns, for ``--data`` help texts."""
+    return ", ".join(k.spec for k in DATASET_KINDS.values())
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split ``kind:PATH`` and check the kind."""
+    """Split ``kind:PATH`` and check the kind against :data:`DATASET_KINDS`."""
     if ":" not in spec:
         raise DatasetError(f"dataset spec {spec!r}: expected KIND:PATH with KIND one of {', '.join(DATASET_KINDS)}")
     kind, path = spec.split(":", 1)
@@ -941,52 +1220,120 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def load_splits(spec: str, download: bool = False, data_root: str | os.PathLike | None = None,
-                on_bad_files: str = "skip") -> tuple[ImageSet, ImageSet | None]:
+                on_bad_files: str = "skip", allowed_root: str | os.PathLike | None = None
+                ) -> tuple[ImageSet, ImageSet | None]:
     """Load (train, test) from a ``kind:PATH`` spec; test is ``None`` where the source has none.
 
     ``data_root``: for ``backdoorbench:RECORD_DIR``, the folder of the clean dataset the attack used
     (default ``$CGD_DATA_ROOT``, else the record's own ``data_path``); ignored by the other kinds.
-    ``on_bad_files``: for ``imagefolder``, ``"skip"`` non-image files (counted in each split's
-    ``meta['skipped_files']``) or raise an ``"error"`` naming the first.
+    ``allowed_root``: for ``backdoorbench``, the folder the clean data must resolve inside (default
+    ``$CGD_DATA_ROOT`` when set, else anywhere; see :func:`load_backdoorbench`).
+    ``on_bad_files``: for ``imagefolder``, ``"skip"`` non-image files and symlinks that are dangling or
+    lead outside the folder (counted in each split's ``meta['skipped_files']`` / ``['skipped_links']``)
+    or raise an ``"error"`` naming the first; ``"skip-unreadable"`` also skips image files that cannot
+    be decoded (counted in ``meta['skipped_files']``), which the other two refuse by name.
+    The two splits must have one image size (:class:`DatasetError` naming both otherwise).
     """
-    if on_bad_files not in ("skip", "error"):
-        raise ValueError(f"on_bad_files must be 'skip' or 'error', got {on_bad_files!r}")
+    if on_bad_files not in ON_BAD_FILES:
+        raise ValueError(f"on_bad_files must be one of {', '.join(ON_BAD_FILES)}, got {on_bad_files!r}")
     kind, path = parse_spec(spec)
-    if kind in ("cifar10", "cifar100"):
-        k = 10 if kind == "cifar10" else 100
-        return load_cifar(path, "train", k, download), load_cifar(path, "test", k, False)
-    if kind == "gtsrb":
-        return load_gtsrb(path, "train", download=download), load_gtsrb(path, "test", download=False)
-    if kind == "tinyimagenet":
-        return load_tinyimagenet(path, "train"), load_tinyimagenet(path, "val")
-    if kind == "imagefolder":
-        root = Path(path)
-        if (root / "train").is_dir():
-            train = load_imagefolder(root / "train", on_bad=on_bad_files)
-            test = load_imagefolder(root / "test", size=train.image_size, on_bad=on_bad_files) if (root / "test").is_dir() else None
-            if test is not None and test.classes != train.classes:
-                raise DatasetError(f"{root}: test/ classes {test.classes} differ from train/ classes {train.classes}")
-            return train, test
-        return load_imagefolder(root, on_bad=on_bad_files), None
-    if kind == "npz":
-        return load_npz(path)
-    if kind == "backdoorbench":
-        from .backdoorbench import load_backdoorbench
-
-        return load_backdoorbench(path, clean_root=data_root)
-    raise AssertionError(kind)
+    train, test = DATASET_KINDS[kind].loader(path, download=download, data_root=data_root, allowed_root=allowed_root,
+                                             on_bad_files=on_bad_files)
+    if test is not None and test.image_size != train.image_size:
+        raise DatasetError(f"{spec}: test images are {test.image_size[0]}x{test.image_size[1]} pixels but training "
+                           f"images are {train.image_size[0]}x{train.image_size[1]}; every split must have one image size")
+    return train, test
 
 
 def load_dataset(spec: str, split: str = "train", download: bool = False, data_root: str | os.PathLike | None = None,
-                 on_bad_files: str = "skip") -> ImageSet:
-    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec (``data_root``, ``on_bad_files``:
-    see :func:`load_splits`)."""
-    train, test = load_splits(spec, download, data_root, on_bad_files)
+                 on_bad_files: str = "skip", allowed_root: str | os.PathLike | None = None) -> ImageSet:
+    """One split (``"train"`` or ``"test"``) of a ``kind:PATH`` spec (``data_root``, ``on_bad_files``,
+    ``allowed_root``: see :func:`load_splits`)."""
+    train, test = load_splits(spec, download, data_root, on_bad_files, allowed_root)
     if split == "train":
         return train
     if test is None:
         raise DatasetError(f"{spec}: has no test split")
     return test
+
+
+# --------------------------------------------------------------------------------------------
+# BackdoorBench records joined with their clean dataset
+# --------------------------------------------------------------------------------------------
+
+def load_backdoorbench(record_dir: str | os.PathLike, clean_root: str | os.PathLike | None = None,
+                       allowed_root: str | os.PathLike | None = None) -> tuple[ImageSet, ImageSet]:
+    """Load a BackdoorBench attack record as (poisoned train, clean test with ``meta['bd_test']``).
+
+    ``record_dir``: the record folder (or its ``attack_result.pt``), read by :mod:`cgd.backdoorbench`.
+    ``clean_root``: folder of the clean dataset the attack used (default ``$CGD_DATA_ROOT``, else the
+    record's ``data_path`` resolved against the record folder and the BackdoorBench folder above
+    ``record/``). ``allowed_root``: the clean data must resolve inside this folder (default
+    ``$CGD_DATA_ROOT`` when set, else no restriction); a candidate outside it, or a ``data_path``
+    with ``..`` components, is refused with a :class:`DatasetError` naming the record and the path.
+    The clean dataset kinds are those of :data:`DATASET_KINDS` with a ``load_clean``.
+
+    train: images (N, H, W, 3) uint8 as the victim trained on them, ``labels`` as given (poisoned),
+    ``poison_mask`` (N,) bool and ``original_labels`` (N,) from the record. test: the clean test split;
+    ``test.meta['bd_test']`` is a :class:`cgd.evaluation.BackdoorTest` of the triggered test images
+    whose true label differs from the attack target. ``train.meta['backdoorbench']`` holds the
+    record's metadata (model name, dataset, image size, clean root used).
+    """
+
+    env_root = os.environ.get("CGD_DATA_ROOT") or None
+    if clean_root is None:
+        clean_root = env_root
+    if allowed_root is None:
+        allowed_root = env_root
+    rec = _bb.read_record(record_dir)
+    kind = DATASET_KINDS.get(rec.kind)
+    if kind is None or kind.load_clean is None or kind.detect is None:
+        supported = sorted({n for n, k in DATASET_KINDS.items() if k.load_clean is not None}
+                           | {a for a, n in _bb.DATASET_ALIASES.items() if n in DATASET_KINDS})
+        raise DatasetError(f"{rec.path}[clean_data]: dataset {rec.data['clean_data']!r} is not supported "
+                           f"(supported: {', '.join(supported)})")
+    tried = _bb.clean_candidates(rec, clean_root, allowed_root)
+    root = next((c for c in tried if kind.detect(c)), None)
+    if root is None:
+        raise DatasetError(
+            f"{rec.path}: the clean {rec.clean_data} dataset the attack used is not stored in the record and was not found "
+            f"(record data_path {rec.data_path!r}; tried {', '.join(str(c) for c in tried) or 'nothing inside the allowed root'}). "
+            f"Pass the folder of {kind.label} ({kind.layout}) as clean_root= (load_backdoorbench), data_root= "
+            f"(load_splits('backdoorbench:RECORD_DIR', data_root=...)) or the environment variable CGD_DATA_ROOT "
+            f"(for `cgd --data backdoorbench:RECORD_DIR`)."
+        )
+    clean_train, clean_test = kind.load_clean(root, rec.size)
+    k = len(clean_train.classes)
+    _bb.check_num_classes(rec, k, str(root))
+    hw = clean_train.image_size
+    rows, sp = _bb.poisoned_train(rec, clean_train.labels, k, decode_images, str(root), hw)
+    images = clean_train.images[rows]  # fancy indexing copies
+    labels = clean_train.labels[rows].copy()
+    original = labels.copy()
+    mask = np.zeros(len(rows), bool)
+    images[sp.positions] = sp.images
+    labels[sp.positions] = sp.bd_labels
+    mask[sp.positions] = True
+    rid = rec.dir.resolve().name
+    train = ImageSet(images, labels, clean_train.classes, poison_mask=mask, original_labels=original,
+                     name=f"backdoorbench:{rid}:train")
+    bd_images, bd_true, bd_target = _bb.backdoor_test(rec, clean_test.labels, k, decode_images, str(root), hw)
+    test = ImageSet(clean_test.images, clean_test.labels, clean_test.classes, name=f"backdoorbench:{rid}:test")
+    test.meta["bd_test"] = BackdoorTest(bd_images, bd_true, bd_target)
+    info = {
+        "record": str(rec.path),
+        "clean_data": rec.clean_data,
+        "clean_root": str(root),
+        "data_path": rec.data_path,
+        "model_name": str(rec.data["model_name"]),
+        "num_classes": k,
+        "img_size": [int(v) for v in rec.data["img_size"]],
+        "poisoned_train": int(mask.sum()),
+        "bd_test": len(bd_true),
+    }
+    train.meta["backdoorbench"] = info
+    test.meta["backdoorbench"] = info
+    return train, test
 
 
 def seeded_subset(s: ImageSet, n: int | None, seed: int) -> ImageSet:

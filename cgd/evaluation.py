@@ -1,39 +1,14 @@
 """Model metrics: clean accuracy (CA), attack success rate (ASR), robust accuracy (RA)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .data import BackdoorTest
 from .train import predict
 
 __all__ = ["BackdoorTest", "evaluate_model", "model_metrics"]
-
-
-@dataclass
-class BackdoorTest:
-    """Triggered test images for ASR/RA.
-
-    images : (M, H, W, 3) uint8, test images with the trigger applied (only samples whose true
-        label differs from their target).
-    true_labels : (M,) int64, the images' real classes.
-    target_labels : (M,) int64, the class the attacker wants (all equal for all-to-one).
-    """
-
-    images: np.ndarray
-    true_labels: np.ndarray
-    target_labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.true_labels = np.asarray(self.true_labels, np.int64)
-        self.target_labels = np.asarray(self.target_labels, np.int64)
-        if not (len(self.images) == len(self.true_labels) == len(self.target_labels)):
-            raise ValueError("BackdoorTest: images, true_labels and target_labels must have equal lengths")
-
-    def __len__(self) -> int:
-        return len(self.true_labels)
 
 
 def model_metrics(clean_logits: np.ndarray | None, clean_labels: np.ndarray | None,

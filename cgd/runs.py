@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import re
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,6 +26,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+# generic array/JSON/atomic-file I/O lives in cgd.arrays; re-exported so cgd.runs.save_npy etc. keep working
+from .arrays import (  # noqa: F401
+    NpyWriter,
+    _json_default,
+    _pid_alive,
+    _TEMP_NAME,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    remove_stale_temps,
+    save_npy,
+    write_json,
+)
 
 __all__ = ["RunDir", "RunLockedError", "atomic_write_bytes", "atomic_write_text", "write_json", "read_json",
            "save_npy", "NpyWriter", "remove_stale_temps", "utcnow", "list_runs"]
@@ -40,205 +52,6 @@ class RunLockedError(RuntimeError):
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
-
-
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-class NpyWriter:
-    """Write an ``.npy`` file chunk by chunk, atomically: the bytes go to a temp file in the same
-    folder (``.NAME.tmpPID``), which is fsynced and renamed onto ``path`` only when every row has
-    been written; an exception removes it, and a killed writer's temp file is removed by
-    :func:`remove_stale_temps`. Nothing partial ever appears at ``path``. The file is byte-for-byte
-    what ``np.save`` writes for the same array.
-
-    ``write(rows)`` appends rows in order; ``write_at(first_row, rows)`` writes anywhere and is
-    safe from several threads at once (``os.pwrite``). Use as a context manager::
-
-        with NpyWriter(path, (n, h, w, 3), np.uint8) as w:
-            for block in blocks:
-                w.write(block)
-    """
-
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: Any):
-        import threading
-
-        self.path = Path(path)
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype = np.dtype(dtype)
-        if self.dtype.hasobject:
-            raise ValueError(f"{self.path}: object arrays cannot be saved (no pickle)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._rows = 0
-        self._next = 0
-        self._lock = threading.Lock()
-        self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            hdr = io.BytesIO()
-            np.lib.format.write_array_header_1_0(
-                hdr, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
-            self.offset = hdr.tell()
-            self._pwrite(hdr.getvalue(), 0)
-            os.ftruncate(self._fd, self.offset + self._row_bytes * (self.shape[0] if self.shape else 1))
-        except BaseException:
-            self.abort()
-            raise
-
-    def _pwrite(self, data, pos: int) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            k = os.pwrite(self._fd, view, pos)
-            view, pos = view[k:], pos + k
-
-    def write_at(self, first_row: int, rows: np.ndarray) -> None:
-        rows = np.asarray(rows)
-        if rows.shape[1:] != self.shape[1:] or rows.dtype != self.dtype:
-            raise ValueError(f"{self.path}: rows of shape {rows.shape[1:]} {rows.dtype}, expected {self.shape[1:]} {self.dtype}")
-        if first_row < 0 or first_row + len(rows) > self.shape[0]:
-            raise ValueError(f"{self.path}: rows {first_row}:{first_row + len(rows)} outside [0, {self.shape[0]})")
-        self._pwrite(np.ascontiguousarray(rows), self.offset + first_row * self._row_bytes)
-        with self._lock:
-            self._rows += len(rows)
-
-    def write(self, rows: np.ndarray) -> None:
-        with self._lock:
-            first = self._next
-            self._next += len(rows)
-        self.write_at(first, rows)
-
-    def commit(self) -> Path:
-        """Check that every row arrived, fsync, rename onto ``path``."""
-        try:
-            n = self.shape[0] if self.shape else 1
-            if not self.shape:
-                raise ValueError(f"{self.path}: NpyWriter writes arrays of at least one dimension")
-            if self._rows != n:
-                raise ValueError(f"{self.path}: {self._rows} of {n} rows written")
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            os.replace(self.tmp, self.path)
-            return self.path
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        """Close and delete the temp file (``path`` is left as it was)."""
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "NpyWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-
-
-def save_npy(path: str | os.PathLike, arr: np.ndarray) -> Path:
-    """np.save, atomically and in chunks (:class:`NpyWriter`): a memory-mapped ``arr`` is copied in
-    constant memory."""
-    from .data import iter_row_chunks
-
-    arr = np.asanyarray(arr)
-    if arr.ndim == 0:
-        arr = np.asarray(arr)
-        buf = io.BytesIO()
-        np.save(buf, arr, allow_pickle=False)
-        return atomic_write_bytes(path, buf.getvalue())
-    with NpyWriter(path, arr.shape, arr.dtype) as w:
-        for _, _, block in iter_row_chunks(arr):
-            w.write(block)
-    return Path(path)
-
-
-_TEMP_NAME = re.compile(r"\.tmp(\d*)(\.[A-Za-z0-9]+)?$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def remove_stale_temps(folder: str | os.PathLike, prefix: str = "", recursive: bool = False) -> list[Path]:
-    """Delete temp files left by killed writers in ``folder``; returns what was removed.
-
-    Temp files are those named ``*.tmpPID``, ``*.tmpPID.EXT`` or ``*.tmp.EXT`` (every atomic
-    writer in cgd uses one of these). One whose PID is a live process other than this one is kept
-    (its writer is still at work); ones without a PID are removed, so call this only while holding
-    the folder's lock (the run folder) or with a ``prefix`` only this caller writes.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for f in (folder.rglob(prefix + "*") if recursive else folder.glob(prefix + "*")):
-        m = _TEMP_NAME.search(f.name)
-        if not m or not f.is_file():
-            continue
-        pid = int(m.group(1)) if m.group(1) else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
-            continue
-        try:
-            f.unlink()
-            removed.append(f)
-        except OSError:
-            pass
-    return removed
 
 
 class RunDir:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cgd.backdoorbench import load_backdoorbench, load_record
-from cgd.data import DatasetError, load_splits
+from cgd.backdoorbench import load_record
+from cgd.data import DatasetError, load_backdoorbench, load_splits  # cgd.backdoorbench reads the record format only
 from cgd.evaluation import BackdoorTest
 
 TARGET = 0

@@ -421,7 +421,8 @@ def test_imagefolder_modes_sizes_and_skips(tmp_path):
     assert s.classes == ["cat", "dog"] and s.images.shape == (9, 20, 24, 3)
     np.testing.assert_array_equal(s.labels, [0, 0, 0, 0, 1, 1, 1, 1, 1])
     np.testing.assert_array_equal(s.images[0], rgb)  # a.png (sorted names)
-    assert s.meta["skipped_files"] == 1
+    assert s.meta["skipped_files"] == 1 and s.meta["skipped_links"] == 0
+    assert s.meta["resized_files"] == 1 and s.meta["resized_to"] == [20, 24]  # h.png (40x30), noted for the run
     by_name = {n: i for i, n in enumerate(["a.png", "b.jpg", "d.png", "sub/c.bmp", "e.png", "f.png", "f2.png", "g.gif", "h.png"])}
     np.testing.assert_array_equal(s.images[by_name["sub/c.bmp"]], rgb)
     assert (s.images[by_name["d.png"]] == 100).all()
@@ -483,10 +484,15 @@ def test_imagefolder_bad_images(tmp_path, monkeypatch, bad, match):
         monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
         save_img(f, np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(DatasetError, match=match):
-        load_imagefolder(root, size=(8, 8))
+        load_imagefolder(root, size=(8, 8), on_bad="error")
     if bad in ("zero", "corrupt"):  # also when the size is taken from the files' headers
         with pytest.raises(DatasetError, match=match):
-            load_imagefolder(root)
+            load_imagefolder(root, on_bad="error")
+    with pytest.raises(DatasetError, match=match):  # the default refuses it by name too...
+        load_imagefolder(root, size=(8, 8))
+    # ...and --on-bad-files skip-unreadable leaves it out, counted
+    s = load_imagefolder(root, size=(8, 8), on_bad="skip-unreadable")
+    assert s.meta["skipped_files"] == 1 and "x/bad.png" not in s.meta["files"] and len(s) == len(s.meta["files"])
 
 
 def test_imagefolder_bad_layouts(tmp_path):

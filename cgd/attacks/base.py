@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ..data import ImageSet
-from ..evaluation import BackdoorTest
+from ..data import BackdoorTest
 
 __all__ = ["Attack", "CATEGORIES", "select_poison_indices", "AttackNotPreparedError"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import ImageSet
-from ..evaluation import BackdoorTest
+from ..data import BackdoorTest
 from .base import Attack, AttackNotPreparedError
 
 __all__ = ["CleanImage"]
