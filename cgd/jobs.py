@@ -16,26 +16,35 @@ number of readers (page reruns, a refreshed browser, another tab) can follow one
 
 Only one job runs on a run folder at a time: :func:`start_job` raises
 :class:`~cgd.runs.RunLockedError` while the folder's lock is held or a job it started is alive.
+Starting is serialised by ``RUN/.job.lock`` (an flock held around check, spawn and the write of
+``job.json``), so of two starts at the same moment exactly one spawns and ``job.json`` names it.
+:func:`stop_job` signals only the recorded pid while it still has its recorded start time, and a
+process group only when the OS says that pid leads it (never a group number read from a file).
+The runner records a failure even on a full disk: when the atomic write of ``status.json`` fails it
+overwrites the file in place within the space it already holds.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .runs import RunDir, RunLockedError, read_json, utcnow, write_json
 
-__all__ = ["JobStatus", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
+__all__ = ["JobStatus", "progress_fraction", "progress_text", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
            "LOG_NAME", "JOB_NAME", "ACTIVE_STATES"]
 
 LOG_NAME = "job.log"
 JOB_NAME = "job.json"
+START_LOCK_NAME = ".job.lock"  # held by start_job around check-and-spawn
 ACTIVE_STATES = ("starting", "running")
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs this process started: polled to reap them and read exit codes
 
@@ -102,6 +111,63 @@ def _lock_holder_pid(run: RunDir) -> int | None:
         return None
     parts = txt.split()
     return int(parts[1]) if len(parts) == 2 and parts[0] == "pid" and parts[1].isdigit() else None
+
+
+def _is_runner(pid: int) -> bool:
+    """True when ``pid`` runs this module's job runner (``python -m cgd.jobs``); True without /proc."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return False
+    return b"cgd.jobs" in argv
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """True when ``pid`` has ``path`` open (the run's lock holder does); True without /proc."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if not Path("/proc/self/fd").is_dir():
+        return True
+    target = str(path.resolve())
+    try:
+        for fd in fd_dir.iterdir():
+            try:
+                if os.readlink(fd) == target:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
+def _led_group(pid: int | None, start: str | None) -> int | None:
+    """The process group that ``pid`` leads, as the OS reports it, while ``pid`` runs with start
+    time ``start``; None when it is gone, is another process, or is not its group's leader (then
+    only the pid itself may be signalled). Never trusts a group number from a file."""
+    if not pid or not _alive(pid, start):
+        return None
+    try:
+        pgid = os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return pgid if pgid == pid else None
+
+
+def _signal_job(pid: int, start: str | None, sig: int, group: bool) -> None:
+    """Send ``sig`` to job ``pid`` (checked to still be the process started at ``start``): to the
+    group it leads when ``group`` and the OS confirms it leads one, else to the pid alone."""
+    if not _alive(pid, start):
+        return
+    pgid = _led_group(pid, start) if group else None
+    try:
+        if pgid:
+            os.killpg(pgid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +258,61 @@ def job_status(run: str | os.PathLike | RunDir) -> JobStatus:
     return out
 
 
+def progress_fraction(s: JobStatus) -> float | None:
+    """The current stage's progress in [0, 1], or None when the stage reports none (a job that has
+    not reported yet, or a step such as UMAP that gives no progress): show elapsed time instead of 0 %."""
+    if s.state == "starting" or (not s.total and s.progress <= 0.0):
+        return None
+    return min(max(float(s.progress), 0.0), 1.0)
+
+
+def _elapsed(s: JobStatus) -> float | None:
+    if s.elapsed_s is not None and s.state == "running" and s.total:
+        return float(s.elapsed_s)
+    if not s.started:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(s.started)).total_seconds()
+    except ValueError:
+        return None
+
+
+def _duration(sec: float) -> str:
+    sec = int(round(max(sec, 0.0)))
+    h, rem = divmod(sec, 3600)
+    m, x = divmod(rem, 60)
+    return f"{h}:{m:02d}:{x:02d}" if h else f"{m}:{x:02d}"
+
+
+def progress_text(s: JobStatus) -> str:
+    """One line for a progress bar: stage, done / total, percent, rate, ETA -- or, where the stage
+    reports no progress, the time elapsed (never a frozen "0 %")."""
+    frac = progress_fraction(s)
+    parts = [s.stage or s.state or "starting"]
+    if frac is None:
+        el = _elapsed(s)
+        parts.append(f"{_duration(el)} elapsed" if el is not None else "working")
+        if s.state == "running":
+            parts.append("no progress reported by this step")
+        return " · ".join(parts)
+    if s.total:
+        parts.append(f"{s.done or 0:,} / {s.total:,} {s.unit or ''}".strip())
+    parts.append(f"{100 * frac:.0f} %")
+    if s.rate:
+        unit = {"img": "images"}.get(s.unit, s.unit or "items")
+        if s.rate >= 100:
+            parts.append(f"{s.rate:,.0f} {unit}/s")
+        elif s.rate >= 1:
+            parts.append(f"{s.rate:,.1f} {unit}/s")
+        else:
+            parts.append(f"{1 / s.rate:,.1f} s per {s.unit or 'item'}")
+    if s.eta_s is not None:
+        parts.append(f"ETA {_duration(s.eta_s)}")
+    return " · ".join(parts)
+
+
 def tail_log(run: str | os.PathLike | RunDir, lines: int = 30) -> str:
     """The last ``lines`` lines of ``RUN/job.log`` ('' when absent)."""
     p = _as_run(run).path(LOG_NAME)
@@ -243,6 +364,39 @@ def start_job(run: str | os.PathLike | RunDir, command: str, config: dict[str, A
     """
     r = _as_run(run)
     r.root.mkdir(parents=True, exist_ok=True)
+    with _start_lock(r):  # check, spawn and job.json as one step: of two starts at once, one spawns
+        return _start_locked(r, command, config, args, pre, label, python, env, phase)
+
+
+@contextmanager
+def _start_lock(run: RunDir, wait_s: float = 30.0) -> Iterator[None]:
+    """Hold ``RUN/.job.lock`` (flock; released if this process dies) while a job is started.
+
+    A second start waits for the first to finish spawning (a fraction of a second), then sees its
+    job alive and is refused; after ``wait_s`` it gives up with RunLockedError."""
+    f = open(run.path(START_LOCK_NAME), "a+")
+    try:
+        t_end = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > t_end:
+                    raise RunLockedError(f"run folder {run.root} is busy: another job is being started on it; "
+                                         "wait for it or stop it first") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+def _start_locked(r: RunDir, command: str, config: dict[str, Any] | None, args: Sequence[str],
+                  pre: Sequence[Sequence[str]], label: str | None, python: str | None, env: dict[str, str] | None,
+                  phase: str | None) -> JobStatus:
     if is_running(r):
         holder = (read_json(r.path(JOB_NAME), {}) or {}).get("label") or "another job"
         raise RunLockedError(f"run folder {r.root} is busy ({holder} is running); wait for it or stop it first")
@@ -287,43 +441,38 @@ def stop_job(run: str | os.PathLike | RunDir, grace_s: float = 5.0, kill_after_s
     ``kill_after_s``. Returns a one-line account of what happened."""
     r = _as_run(run)
     job = read_json(r.path(JOB_NAME), {}) or {}
-    pid, start, pgid = job.get("pid"), job.get("proc_start"), job.get("pgid")
-    own = _alive(pid, start)
+    pid, start = job.get("pid"), job.get("proc_start")
+    # the recorded pid is the job only while it runs the job runner and, where /proc tells start
+    # times, has the recorded one
+    own = bool(pid) and _alive(pid, start) and _is_runner(pid) and (start is not None or _proc_start(pid) is None)
+    # the group to clean up at the end: the one the job leads as the OS says now (job.json's "pgid"
+    # is informational only: an edited file must not make us signal another process group)
+    group = _led_group(pid, start) if own else None
     if not own:
-        pid, start, pgid = _lock_holder_pid(r), None, None  # a job started from the command line
-        if not (pid and r.is_locked() and _alive(pid)):
+        pid, start = _lock_holder_pid(r), None  # a job started from the command line: that pid only
+        if not (pid and r.is_locked() and _alive(pid) and _has_open(pid, r.path(".lock"))):
             return "no job is running on this run folder"
     r.path("STOP").touch()
     how = "stopped at the next checkpoint"
     if not _wait_dead(pid, start, grace_s):
         how = f"did not stop within {grace_s:.0f} s; terminated"
-        try:
-            if pgid:
-                os.killpg(pgid, signal.SIGTERM)
-            else:
-                os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal_job(pid, start, signal.SIGTERM, group=own)
         if not _wait_dead(pid, start, kill_after_s):
             how = "killed (did not react to SIGTERM)"
-            try:
-                if pgid:
-                    os.killpg(pgid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_job(pid, start, signal.SIGKILL, group=own)
             _wait_dead(pid, start, 2.0)
     # the job's children (the pipeline holding the run's lock) may take a moment longer to exit
     t_end = time.monotonic() + kill_after_s
     while r.is_locked() and time.monotonic() < t_end:
         time.sleep(0.1)
-    if r.is_locked() and pgid:
+    if r.is_locked() and group:
+        holder = _lock_holder_pid(r)  # kill the group only while the lock holder is verifiably in it
         try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
+            if holder and _alive(holder) and os.getpgid(holder) == group:
+                os.killpg(group, signal.SIGKILL)
+                time.sleep(0.5)
+        except (ProcessLookupError, PermissionError):
             pass
-        time.sleep(0.5)
     st = r.read_status()
     if st.get("state") in ("running", "queued") or (job.get("started") and (st.get("updated_at") or "") < job["started"]):
         r.write_status("stopped", st.get("stage", ""), float(st.get("progress") or 0.0), message=f"stop requested: {how}")
@@ -339,29 +488,114 @@ def _last_error(run: RunDir) -> str | None:
     return (errs or lines or [None])[-1]
 
 
+def _say(msg: str) -> None:
+    """A line to job.log (the runner's stdout); a full disk must not stop the bookkeeping."""
+    try:
+        print(msg, flush=True)
+    except OSError:
+        pass
+
+
+def _overwrite_in_place(path: Path, obj: dict, shrink: str | None = None) -> bool:
+    """Write ``obj`` as compact JSON over ``path`` without allocating: the bytes go into the space
+    the file already holds (its allocated blocks), then the file is cut to length. For a full
+    disk, where the atomic temp-file write fails. ``shrink`` names a string field that is cut to
+    fit; returns False when the record does not fit or the write fails.
+
+    Not atomic: a reader in between sees invalid JSON, which reads as no status."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        stt = os.fstat(fd)
+        room = max(stt.st_size, stt.st_blocks * 512)
+        obj = dict(obj)
+        data = json.dumps(obj, separators=(",", ":"), default=str).encode()
+        if len(data) > room and shrink and isinstance(obj.get(shrink), str):
+            over = len(data) - room
+            obj[shrink] = obj[shrink][:max(0, len(obj[shrink]) - over - 3)] + "..."
+            data = json.dumps(obj, separators=(",", ":"), default=str).encode()
+        if len(data) > room:
+            return False
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], pos)
+        os.ftruncate(fd, len(data))
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _write_record(run: RunDir, path: Path, obj: dict, shrink: str | None = None, last_resort_empty: bool = False) -> str:
+    """Write ``obj`` to ``path`` atomically; on OSError (full disk, quota) overwrite in place; as a
+    last resort (``last_resort_empty``) cut the file to 0 bytes, which frees space and reads as
+    "no record" (a stale "running" must not outlive the job). Returns "atomic", "in place",
+    "emptied" or "failed"."""
+    try:
+        write_json(path, obj)
+        return "atomic"
+    except OSError as e:
+        path.with_name(f".{path.name}.tmp{os.getpid()}").unlink(missing_ok=True)  # the partial temp file
+        _say(f"--- could not write {path.name} ({e.strerror or e}); writing a small record in its place")
+    if _overwrite_in_place(path, obj, shrink):
+        return "in place"
+    if last_resort_empty:
+        try:
+            os.truncate(path, 0)
+            return "emptied"
+        except OSError:
+            pass
+    return "failed"
+
+
 def _run_chain(run_root: str, argvs: list[list[str]]) -> int:
     """Run each argv in turn (in the job's own process group), stopping at the first failure; a
-    failing step that left no failure in status.json gets one, and job.json records the exit status."""
+    failing step that left no failure in status.json gets one, and job.json records the exit status.
+
+    Robust to a full disk: every write falls back to an in-place overwrite (:func:`_write_record`),
+    so status.json never keeps saying "running" after the job ended. A step that failed while
+    another process holds the run's lock (it lost the folder to a job started elsewhere) leaves
+    status.json alone: that status is the other job's."""
     run = RunDir(run_root)
     rc = 0
     for argv in argvs:
-        print(f"--- {' '.join(argv)}", flush=True)
+        _say(f"--- {' '.join(argv)}")
         started = utcnow()
         rc = subprocess.call(argv)
         if rc != 0:
-            print(f"--- exited with status {rc}; later steps skipped", flush=True)
+            _say(f"--- exited with status {rc}; later steps skipped")
             st = run.read_status()
             reported = st.get("state") in ("failed", "stopped") and (st.get("updated_at") or "") >= started
-            if not reported:
+            if not reported and run.is_locked():
+                _say("--- the run folder is held by another job; its status is left alone")
+            elif not reported:
                 step = " ".join(a for a in argv[2:4] if not a.startswith("-")) or argv[0]
-                run.write_status("failed", st.get("stage", ""), float(st.get("progress") or 0.0),
-                                 error=f"{step} exited with status {rc}: {_last_error(run) or 'see job.log'}")
+                try:
+                    full = os.statvfs(run.root).f_bavail == 0
+                except OSError:
+                    full = False
+                where = f" (the disk holding {run.root} is full)" if full else ""
+                error = f"{step} exited with status {rc}{where}: {_last_error(run) or 'see job.log'}"
+                record = {"state": "failed", "stage": st.get("stage", ""), "progress": float(st.get("progress") or 0.0),
+                          "updated_at": utcnow(), "pid": os.getpid(), "error": error}
+                _write_record(run, run.status_json, record, shrink="error", last_resort_empty=True)
             break
-    job = read_json(run.path(JOB_NAME), {}) or {}
+    try:
+        job = read_json(run.path(JOB_NAME), {}) or {}
+    except (OSError, ValueError):
+        job = {}
     if job.get("pid") == os.getpid():
         job["returncode"] = rc
         job["finished"] = utcnow()
-        write_json(run.path(JOB_NAME), job)
+        _write_record(run, run.path(JOB_NAME), job)
     return rc
 
 
