@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -222,9 +221,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = build_model(args.arch, s.num_classes)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer="adam", schedule="cosine", seed=args.seed,
                       precision=args.precision or "auto")
+    report = None
+    if args.progress_run:  # a job's setup step: show its progress in that run's status
+        from .runs import Reporter, RunDir
+
+        report = Reporter(RunDir(args.progress_run), "training the reference classifier", cfg.epochs, "epoch", bar=False)
+        report(0)
+
+    def on_epoch(h: dict) -> None:
+        if report is not None:
+            report(h["epoch"], train_acc=h["train_acc"])
+        if not args.quiet:
+            print(f"epoch {h['epoch']}: loss {h['loss']:.4f} train acc {100 * h['train_acc']:.1f}% ({h['images_per_s']:.0f} img/s)",
+                  file=sys.stderr)
+
     hist = train_classifier(model, s.images, s.labels, cfg, args.device or "auto", progress=not args.quiet, desc="train",
-                            on_epoch=lambda h: args.quiet or print(f"epoch {h['epoch']}: loss {h['loss']:.4f} train acc {100 * h['train_acc']:.1f}%"
-                                                                 f" ({h['images_per_s']:.0f} img/s)", file=sys.stderr))
+                            on_epoch=on_epoch)
     save_checkpoint(model, args.out, args.arch, s.classes, trained_on=info, train=cfg.to_dict(), history=hist)
     msg = f"wrote {args.out} ({args.arch}, {len(s)} images, {args.epochs} epochs)"
     if args.eval:
@@ -336,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     t.add_argument("--eval", action="store_true", help="report accuracy on the test split afterwards")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--progress-run", default=None, metavar="RUN",
+                   help="also report progress in RUN/status.json (used when a dashboard job trains a reference first)")
     e = sub.add_parser("export", help="write clean / suspect index lists and the scores table")
     e.add_argument("--out", required=True, help="run folder")
     e.add_argument("--to", default=None, help="folder for the files (default RUN/exports)")

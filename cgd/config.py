@@ -199,6 +199,11 @@ class RetrainConfig(_Config):
                        choices=("log_p", "log_1mp"), pre="log_p")
     unlearn_floor: float = opt(1e-4, "log_p only: a suspect sample stops pushing its label down once p(label) is "
                                      "below this probability (the paper: 0 = never)", lo=0.0, hi=1.0, hi_open=True, pre=0.0)
+    stamp: float = opt(0.0, "share of the clean samples of other classes that get the estimated trigger (cgd.trigger) "
+                            "stamped on, with their own labels, when the verdict names a target", lo=0.0, hi=1.0, pre=0.0)
+    unlearn_agreeing: bool = opt(True, "unlearn the labels of suspect samples the reference agrees with too (the paper); "
+                                       "off: only where the reference disagrees (clean-label poisons keep their right labels)",
+                                 pre=True, cli=None)
     augment: bool = opt(True, "random crop + flip on retraining batches", cli=None)
     precision: str = opt("auto", "compute precision", choices=("auto", "bf16", "fp32"), cli=None)
     channels_last: bool = opt(True, "channels_last memory layout", cli=None)
@@ -321,8 +326,10 @@ class RunConfig(_Config):
     out: str = opt("", "run folder", cli=None)
     data_root: str | None = opt(None, "backdoorbench records: folder of the clean dataset the attack used (default "
                                       "$CGD_DATA_ROOT, else the record's data_path)")
-    on_bad_files: str = opt("skip", "imagefolder: skip files that are not readable images (counted in the run's "
-                                    "dataset notes) or stop with an error", choices=("skip", "error"))
+    on_bad_files: str = opt("skip", "imagefolder: skip files that are not images (counted in the run's dataset notes) "
+                                    "and stop at an image file that cannot be read; skip-unreadable: skip those too "
+                                    "(counted); error: stop at the first file that is not a readable image",
+                            choices=("skip", "error", "skip-unreadable"))
     device: str = opt("auto", "cpu | cuda | auto (the GPU when there is one)")
     precision: str = opt("auto", "compute precision (auto: bf16 on GPUs, and on CPUs where it was measured faster)",
                          choices=("auto", "bf16", "fp32"))

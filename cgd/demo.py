@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import RunConfig
 
 __all__ = ["DEMO_ROOT", "DEMO_DATA", "DEMO_SPEC", "DEMO_SETTINGS", "TEACHING_ATTACK", "REFERENCE_ARCH", "REFERENCE_EPOCHS",
-           "TRUSTED_FRACTION", "available", "run_config", "reference_path", "reference_ready", "reference_command",
+           "TRUSTED_FRACTION", "available", "run_settings", "run_config", "reference_path", "reference_ready", "reference_command",
            "is_demo"]
 
 DEMO_ROOT = Path(os.environ.get("CGD_DEMO_ROOT") or Path(__file__).resolve().parents[1] / "assets" / "demo")
@@ -77,9 +77,13 @@ def reference_command(path: Path | None = None, python: str | None = None) -> li
             str(path or reference_path()), "--quiet"]
 
 
-def run_config(out: str, attack: dict | None = None, **overrides) -> RunConfig:
-    """The demo's RunConfig: the sample, the teaching attack (or ``attack``; ``{}`` for none), the
-    demo's models and its reference classifier; ``overrides`` are further flat settings."""
+def run_settings(attack: dict | None = None) -> dict:
+    """The flat settings of a demo run (what the dashboard's Dataset page records): the sample, the
+    teaching attack (or ``attack``; ``{}`` for none), the demo's models and its reference classifier."""
     atk = TEACHING_ATTACK if attack is None else attack
-    return RunConfig.from_flat(data=DEMO_SPEC, out=str(out), reference=f"classifier:{reference_path()}",
-                               **DEMO_SETTINGS, **atk, **overrides)
+    return {"data": DEMO_SPEC, "reference": f"classifier:{reference_path()}", **DEMO_SETTINGS, **atk}
+
+
+def run_config(out: str, attack: dict | None = None, **overrides) -> RunConfig:
+    """The demo's RunConfig (:func:`run_settings`) for run folder ``out``; ``overrides`` are further flat settings."""
+    return RunConfig.from_flat(out=str(out), **run_settings(attack), **overrides)

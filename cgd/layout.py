@@ -5,7 +5,7 @@ No imports beyond the standard library: pages, the CLI and the pipeline all read
 from __future__ import annotations
 
 __all__ = ["RUN_JSON", "STATUS_JSON", "OVERRIDES_JSON", "SEPARATION_JSON", "VERDICT_JSON", "SCORES", "CLIP_LOGITS",
-           "EMBEDDINGS", "MODEL_LOGITS", "METRICS_CSV", "METRICS_BATCHES_CSV", "EMBEDDING_MAP", "DATA", "MODELS",
+           "EMBEDDINGS", "MODEL_LOGITS", "CLIP_LOGITS_TEST", "EMBEDDINGS_TEST", "MODEL_LOGITS_TEST", "METRICS_CSV", "METRICS_BATCHES_CSV", "EMBEDDING_MAP", "DATA", "MODELS",
            "EXPORTS", "CHUNKS", "VICTIM", "REPAIRED", "STOP", "LOCK", "JOB_JSON", "JOB_LOG", "data_file", "suspicious_model",
            "EXPORT_FILES"]
 
@@ -18,6 +18,9 @@ SCORES = "scores.parquet"  # one row per training sample (cgd.scores)
 CLIP_LOGITS = "clip_logits.npy"  # (N, K) reference logits (CLIP or a classifier)
 EMBEDDINGS = "embeddings.npy"  # (N, D) L2-normalised reference embeddings
 MODEL_LOGITS = "model_logits.npy"  # (N, K) suspicious-model logits
+CLIP_LOGITS_TEST = "clip_logits_test.npy"  # (M, K) reference logits of the clean test split (the verdict's baseline)
+EMBEDDINGS_TEST = "embeddings_test.npy"  # (M, D)
+MODEL_LOGITS_TEST = "model_logits_test.npy"  # (M, K) suspicious-model logits of the test split
 METRICS_CSV = "metrics.csv"  # CA / ASR / RA per retraining epoch (epoch 0 = before repair)
 METRICS_BATCHES_CSV = "metrics_batches.csv"  # losses every few batches
 EMBEDDING_MAP = "embedding_map.npz"  # 2-D map of the embeddings (cgd umap)

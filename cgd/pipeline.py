@@ -27,7 +27,7 @@ from .config import DEFAULT_PRETRAINED, RetrainConfig, RunConfig, SeparationConf
 from .export import export_indices
 from .rundata import RunData, load_run_data, prepare_dataset, source_signature, write_dataset
 from .runs import Reporter, RunDir, read_json, utcnow, write_json
-from .scores import compute_scores, read_scores, read_subsets, subsets, write_scores
+from .scores import compute_scores, read_subsets, subsets, write_scores
 from .scoring import check_finite_logits, classnames_templates, score_reference
 from .separation import Subset, detection_metrics, oversample_per_class
 
@@ -216,10 +216,22 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
     if run.stage_done("reference", key, [layout.CLIP_LOGITS, layout.EMBEDDINGS]):
         return key
     t0 = time.perf_counter()
-    rep = ctx.reporter("reference", len(d.train))
-    res = score_reference(run, lambda: _make_reference(ctx, names, templates), d.train.images, d.train.true_labels(), key,
-                          rc.chunk_size, f"reference {rc.spec}" + (f" ({ref_ckpt})" if ref_ckpt else ""), rep, ctx.check_stop,
-                          cache_key=_score_cache_key(ctx, names, templates, ref_ckpt))
+    n_test = len(d.test) if d.test is not None else 0
+    rep = ctx.reporter("reference", len(d.train) + n_test)
+    built: list = []  # the reference, built once when some chunk really needs scoring
+
+    def make_ref():
+        if not built:
+            built.append(_make_reference(ctx, names, templates))
+        return built[0]
+
+    what = f"reference {rc.spec}" + (f" ({ref_ckpt})" if ref_ckpt else "")
+    res = score_reference(run, make_ref, d.train.images, d.train.true_labels(), key, rc.chunk_size, what, rep,
+                          ctx.check_stop, cache_key=_score_cache_key(ctx, names, templates, ref_ckpt, d.train.images))
+    if d.test is not None:  # the clean test split: what the verdict compares the training set against
+        score_reference(run, make_ref, d.test.images, d.test.labels, key, rc.chunk_size, what + " (test split)",
+                        lambda done: rep(len(d.train) + done), ctx.check_stop,
+                        cache_key=_score_cache_key(ctx, names, templates, ref_ckpt, d.test.images), split="test")
     rep.close()
     secs = time.perf_counter() - t0
     if res["describe"]:
@@ -250,7 +262,7 @@ def _make_reference(ctx: _Ctx, names: list[str], templates: list[str]):
                           device=ctx.device, precision=ctx.cfg.precision, batch_size=rc.score_batch_size)
 
 
-def _score_cache_key(ctx: _Ctx, names: list[str], templates: list[str], ref_ckpt: str | None) -> str | None:
+def _score_cache_key(ctx: _Ctx, names: list[str], templates: list[str], ref_ckpt: str | None, images) -> str | None:
     """The shared score cache's key for this reference pass (None: not cacheable, e.g. random CLIP weights)."""
     import torch
 
@@ -265,7 +277,7 @@ def _score_cache_key(ctx: _Ctx, names: list[str], templates: list[str], ref_ckpt
     precision = resolve_precision(ctx.cfg.precision, ctx.device, workload)
     extra = {"kind": rc.kind, "device": ctx.device.type, "torch": torch.__version__,
              "open_clip": _versions().get("open_clip"), "clip_config": file_digest(rc.clip_config) if rc.clip_config else None}
-    return score_key(image_digest(ctx.data_mapped.train.images), rc.target if rc.kind == "clip" else "classifier",
+    return score_key(image_digest(images), rc.target if rc.kind == "clip" else "classifier",
                      weights, names, templates, precision, extra)
 
 
@@ -282,14 +294,20 @@ def _stage_suspicious(ctx: _Ctx, data_key: str, victim_key: str | None) -> str:
     t0 = time.perf_counter()
     d = ctx.data
     if sc.mode == "victim":
-        model, _ = load_checkpoint(run.path(layout.VICTIM), device=ctx.device)
-        lg = predict(model, d.train.images, ctx.device, precision=cfg.precision)
-        check_finite_logits(lg, f"model to repair {cfg.model or layout.VICTIM}")
+        models = [load_checkpoint(run.path(layout.VICTIM), device=ctx.device)[0]]
     else:
-        acc = sum(predict(_suspicious_model(ctx, i, key), d.train.images, ctx.device, precision=cfg.precision).astype(np.float64)
-                  for i in range(sc.runs))
-        lg = (acc / sc.runs).astype(np.float32)
+        models = [_suspicious_model(ctx, i, key) for i in range(sc.runs)]
+
+    def mean_logits(images) -> np.ndarray:
+        acc = sum(predict(m, images, ctx.device, precision=cfg.precision).astype(np.float64) for m in models)
+        return (acc / len(models)).astype(np.float32)
+
+    lg = mean_logits(d.train.images)
+    if sc.mode == "victim":
+        check_finite_logits(lg, f"model to repair {cfg.model or layout.VICTIM}")
     run.save_array(layout.MODEL_LOGITS, lg)
+    if d.test is not None:  # the test split's losses: the verdict's baseline
+        run.save_array(layout.MODEL_LOGITS_TEST, mean_logits(d.test.images))
     run.mark_stage("suspicious", key, time.perf_counter() - t0)
     return key
 
@@ -352,14 +370,15 @@ def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
 
 def _write_verdict(ctx: _Ctx, df) -> None:
     """The audit verdict of the scores (cgd.verdict), into verdict.json and run.json."""
-    from .verdict import audit_verdict
+    from .verdict import run_verdict
 
-    d = ctx.data_mapped
-    v = audit_verdict(df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), d.train.labels, d.train.num_classes,
-                      ref_pred=df["clip_pred"].to_numpy())
-    write_json(ctx.run.path(layout.VERDICT_JSON), v.to_dict(d.train.classes))
-    ctx.run.update_run(verdict=v.to_dict(d.train.classes))
-    ctx.emit({"kind": "verdict", **v.to_dict(d.train.classes)})
+    v, classes = run_verdict(ctx.run, df)
+    doc = v.to_dict(classes)
+    sub = df["subset"].to_numpy()
+    doc["tail_fraction"] = float((sub == Subset.SUSPECT).mean()) if len(sub) else 0.0
+    write_json(ctx.run.path(layout.VERDICT_JSON), doc)
+    ctx.run.update_run(verdict=doc)
+    ctx.emit({"kind": "verdict", **doc})
 
 
 def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:

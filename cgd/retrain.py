@@ -43,7 +43,8 @@ _DEFAULTS = RetrainConfig()
 
 def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,
                   temperature: float | None = None, alpha: float | None = None, beta: float | None = None,
-                  unlearn: str | None = None, unlearn_floor: float | None = None) -> dict[str, torch.Tensor]:
+                  unlearn: str | None = None, unlearn_floor: float | None = None,
+                  unlearn_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The three loss terms on one batch. A weight left as None takes :class:`RetrainConfig`'s value.
 
     student, reference: (B, K) logits; labels: (B,) given labels; suspect: (B,) bool (False = clean).
@@ -57,6 +58,8 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     the label and fading to 0 as p(label) -> 0 (computed stably as logsumexp over the other classes).
     ``unlearn_floor`` (log_p only, a probability in [0, 1)): log p(label) is clamped at log(floor), so
     a suspect sample whose label is already below ``floor`` adds a constant and no gradient.
+    ``unlearn_mask`` (B,) bool: the suspect samples whose labels are unlearnt (default: all of them);
+    the others get the distillation term only.
     """
     d = _DEFAULTS
     temperature = d.temperature if temperature is None else temperature
@@ -88,7 +91,8 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
         per = torch.logsumexp(student, dim=1) - torch.logsumexp(others, dim=1)  # -log(1 - p(label)) >= 0
     else:
         raise ValueError(f"unlearn must be 'log_p' or 'log_1mp', got {unlearn!r}")
-    term = torch.where(susp, per, 0.0).sum() / n_susp
+    unl = susp if unlearn_mask is None else susp & unlearn_mask.bool()
+    term = torch.where(unl, per, 0.0).sum() / (n_susp if unlearn_mask is None else unl.to(student.dtype).sum().clamp(min=1.0))
     return {"total": ce + alpha * kl + beta * term, "ce": ce, "kl": kl, "unlearn": term}
 
 
@@ -116,6 +120,8 @@ def guided_retrain(
     cfg: RetrainConfig = RetrainConfig(),
     device: str | torch.device = "auto",
     resume: dict | None = None,
+    trigger: np.ndarray | None = None,
+    target: int | None = None,
 ) -> Iterator[dict]:
     """Retrain ``model`` in place; yields events (dicts with a ``kind``):
 
@@ -134,6 +140,10 @@ def guided_retrain(
     last epoch ends a streak) the weights after the last epoch within tolerance are restored and
     ``early_stop`` is set (with ``restored_epoch`` naming that epoch).
 
+    trigger, target: an estimated additive trigger (H, W, 3) in pixel units (:func:`cgd.trigger.estimate_trigger`)
+    and the class it targets: with ``cfg.stamp > 0`` that share of the clean samples of other classes
+    gets the trigger added, labelled with their own class, so the trigger stops predicting the target.
+
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
     """
@@ -150,6 +160,12 @@ def guided_retrain(
     ref_all = torch.as_tensor(reference_logits, dtype=torch.float32, device=dev)
     pool = torch.as_tensor(np.concatenate([clean_idx, suspect_idx]), device=dev)
     is_susp = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(len(suspect_idx), dtype=torch.bool)]).to(dev)
+    # suspects whose label the reference agrees with are likely clean-label poisons (their label is right)
+    unlearn_ok = (None if cfg.unlearn_agreeing
+                  else torch.as_tensor(np.asarray(reference_logits).argmax(1) != np.asarray(labels), device=dev))
+    stamping = cfg.stamp > 0 and trigger is not None and target is not None
+    delta = (torch.as_tensor(np.asarray(trigger, np.float32) / 255.0).permute(2, 0, 1)[None].to(dev)
+             if stamping else None)
     n = len(pool)
     steps = min(cfg.max_batches, max(cfg.min_batches, math.ceil(n / cfg.batch_size)))
     passes = math.ceil(steps * cfg.batch_size / n)  # > 1 only when min_batches asks for more than one pass
@@ -195,10 +211,13 @@ def guided_retrain(
             if cfg.augment:
                 xb = augment_batch(xb, gen_dev)
             xb = u8_to_float(xb, cfg.channels_last)
+            if stamping:  # the estimated trigger on clean samples of other classes, which keep their own labels
+                hit = (~is_susp[sel]) & (y_all[idx] != target) & (torch.rand(len(sel), device=dev, generator=gen_dev) < cfg.stamp)
+                xb = torch.where(hit[:, None, None, None], (xb + delta).clamp_(0.0, 1.0), xb)
             with autocast(dev, prec):
                 out = model(xb)
             losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta,
-                                   cfg.unlearn, cfg.unlearn_floor)
+                                   cfg.unlearn, cfg.unlearn_floor, None if unlearn_ok is None else unlearn_ok[idx])
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()

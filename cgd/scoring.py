@@ -51,24 +51,28 @@ class ScoreResult(dict):
 
 def score_reference(run: RunDir, make_ref: Callable[[], object], images: np.ndarray, true_labels: np.ndarray,
                     key: str, chunk_size: int, what: str, progress: Callable[[int], None] = lambda done: None,
-                    check_stop: Callable[[], None] = lambda: None, cache_key: str | None = None) -> ScoreResult:
+                    check_stop: Callable[[], None] = lambda: None, cache_key: str | None = None,
+                    split: str = "train") -> ScoreResult:
     """Reference logits (N, K) and embeddings (N, D) of ``images`` into the run folder.
 
     make_ref: builds the reference (called only when some chunk must really be scored).
     images: (N, H, W, 3) uint8, may be memory-mapped; true_labels: (N,) for the accuracy count.
     key: the stage key (chunks of another key are discarded). cache_key: a
-    :func:`cgd.score_cache.score_key` for the shared cache, or None to bypass it.
+    :func:`cgd.score_cache.score_key` for the shared cache, or None to bypass it. split: "train"
+    writes clip_logits.npy / embeddings.npy, "test" the test split's clip_logits_test.npy /
+    embeddings_test.npy (what the verdict compares the training set against).
     """
+    names = _OUTPUTS[split]
     from .data import release_pages
     from .reference import ReferenceError
 
     n = len(images)
     if cache_key is not None:
-        hit = _from_cache(run, cache_key, n, true_labels)
+        hit = _from_cache(run, cache_key, n, true_labels, names)
         if hit is not None:
             progress(n)
             return hit
-    chunk_dir = run.path(layout.CHUNKS, "reference")
+    chunk_dir = run.path(layout.CHUNKS, "reference" if split == "train" else f"reference-{split}")
     chunk_dir.mkdir(parents=True, exist_ok=True)
     if (read_json(chunk_dir / "key.json", {}) or {}).get("key") != key:
         for f in chunk_dir.glob("*.npz"):
@@ -99,15 +103,19 @@ def score_reference(run: RunDir, make_ref: Callable[[], object], images: np.ndar
             np.savez(tmp, logits=r.logits, embeddings=r.embeddings)
             tmp.replace(cf)
         progress(stop)
-    correct = _assemble(run, chunk_dir, starts, n, chunk_size, true_labels)
+    correct = _assemble(run, chunk_dir, starts, n, chunk_size, true_labels, names)
     describe = ref.describe() if ref is not None else read_json(chunk_dir / "describe.json", None)
     out = ScoreResult(n=n, correct=correct, cached=False, forward_images=forward, describe=describe)
     if cache_key is not None:
-        _to_cache(run, cache_key, out["describe"])
+        _to_cache(run, cache_key, out["describe"], names)
     return out
 
 
-def _assemble(run: RunDir, chunk_dir: Path, starts: list[int], n: int, chunk_size: int, true_labels: np.ndarray) -> int:
+_OUTPUTS = {"train": (layout.CLIP_LOGITS, layout.EMBEDDINGS), "test": (layout.CLIP_LOGITS_TEST, layout.EMBEDDINGS_TEST)}
+
+
+def _assemble(run: RunDir, chunk_dir: Path, starts: list[int], n: int, chunk_size: int, true_labels: np.ndarray,
+              names: tuple[str, str]) -> int:
     """Pass 2: stream the chunks into the two arrays (never all in memory at once); returns top-1 hits."""
     correct = 0
     emb_dtype = np.float16 if n > 200_000 else np.float32
@@ -118,8 +126,8 @@ def _assemble(run: RunDir, chunk_dir: Path, starts: list[int], n: int, chunk_siz
             with np.load(chunk_dir / f"{start:09d}.npz", allow_pickle=False) as z:
                 lg, em = z["logits"].astype(np.float32, copy=False), z["embeddings"].astype(emb_dtype, copy=False)
             if not writers:
-                writers = {"lg": NpyWriter(run.path(layout.CLIP_LOGITS), (n, lg.shape[1]), np.float32),
-                           "em": NpyWriter(run.path(layout.EMBEDDINGS), (n, em.shape[1]), emb_dtype)}
+                writers = {"lg": NpyWriter(run.path(names[0]), (n, lg.shape[1]), np.float32),
+                           "em": NpyWriter(run.path(names[1]), (n, em.shape[1]), emb_dtype)}
             writers["lg"].write(lg)
             writers["em"].write(em)
             correct += int((lg.argmax(1) == true_labels[start:stop]).sum())
@@ -144,7 +152,7 @@ def _cache():
     return cache if cache.max_bytes > 0 else None  # CGD_SCORE_CACHE_MB=0: off
 
 
-def _from_cache(run: RunDir, cache_key: str, n: int, true_labels: np.ndarray) -> ScoreResult | None:
+def _from_cache(run: RunDir, cache_key: str, n: int, true_labels: np.ndarray, names: tuple[str, str]) -> ScoreResult | None:
     cache = _cache()
     got = cache.get(cache_key) if cache is not None else None
     if got is None:
@@ -152,18 +160,18 @@ def _from_cache(run: RunDir, cache_key: str, n: int, true_labels: np.ndarray) ->
     logits, emb, meta = got
     if len(logits) != n or len(emb) != n:
         return None
-    run.save_array(layout.CLIP_LOGITS, np.asarray(logits, np.float32))
-    run.save_array(layout.EMBEDDINGS, np.asarray(emb))
+    run.save_array(names[0], np.asarray(logits, np.float32))
+    run.save_array(names[1], np.asarray(emb))
     correct = int((np.asarray(logits).argmax(1) == true_labels).sum())
     return ScoreResult(n=n, correct=correct, cached=True, forward_images=0, describe=meta.get("describe"))
 
 
-def _to_cache(run: RunDir, cache_key: str, describe: dict | None) -> None:
+def _to_cache(run: RunDir, cache_key: str, describe: dict | None, names: tuple[str, str]) -> None:
     cache = _cache()
     if cache is None:
         return
     try:
-        cache.put(cache_key, run.load_array(layout.CLIP_LOGITS, mmap=True), run.load_array(layout.EMBEDDINGS, mmap=True),
+        cache.put(cache_key, run.load_array(names[0], mmap=True), run.load_array(names[1], mmap=True),
                          {"run": str(run.root), "describe": describe, "model": (describe or {}).get("model"),
                           "weights": (describe or {}).get("pretrained") or (describe or {}).get("checkpoint")})
     except OSError as e:  # a full or read-only cache never fails the run

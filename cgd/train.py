@@ -199,7 +199,6 @@ def predict(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model.eval().to(dev)  # outside inference mode: moved parameters must stay trainable
-    n = len(images)
     outs, feats = [], []
     with torch.inference_mode():
         _predict_batches(model, images, dev, batch_size, prec, features, outs, feats)

@@ -41,7 +41,8 @@ class VerdictConfig:
     min_class: classes with fewer samples are not judged on their own."""
 
     tail: float = 0.1
-    threshold: float = 8.0
+    threshold: float = 5.0
+    threshold_uncalibrated: float = 12.0
     quadrant_max: float = 0.03
     min_class: int = 20
 
@@ -127,15 +128,132 @@ def class_statistics(clip_rank: np.ndarray, model_rank: np.ndarray, labels: np.n
             "fast_learning": rate(fast) - rate(confident), "fast": rate(fast), "confident": rate(confident)}
 
 
+def _split_stats(clip_nll: np.ndarray, model_nll: np.ndarray, y: np.ndarray, k: int, ref_cut: float, fast_cut: float
+                 ) -> dict[str, np.ndarray]:
+    """Per class (K,) counts on one split: n, and how many samples the reference finds very unlikely
+    (NLL above ``ref_cut``), the models learnt very fast (NLL below ``fast_cut``), and both."""
+    unlikely, fast = clip_nll > ref_cut, model_nll < fast_cut
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(y[mask], minlength=k).astype(np.float64)
+
+    return {"n": count(np.ones(len(y), bool)), "disagreement": count(unlikely), "fast_learning": count(fast),
+            "contradiction": count(unlikely & fast)}
+
+
+def _excess_z(tr: dict, te: dict, key: str, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rate on the training split - rate on the test split per class, its z-score): the excess over
+    the binomial standard error of both rates combined with the classes' spread of excesses
+    (1.4826 x MAD), which absorbs a shift that every class shares."""
+    n_tr, n_te = np.maximum(tr["n"], 1), np.maximum(te["n"], 1)
+    e = tr[key] / n_tr - te[key] / n_te
+    pooled = (tr[key] + te[key] + 0.5) / (n_tr + n_te + 1.0)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n_tr + 1 / n_te))
+    z = np.full(len(e), -np.inf)
+    if ok.sum() >= 3:
+        spread = 1.4826 * float(np.median(np.abs(e[ok] - np.median(e[ok]))))
+        z[ok] = e[ok] / np.sqrt(se[ok] ** 2 + spread ** 2)
+    return e, z
+
+
+def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
+    """Within each class: do the samples the reference finds unlikely tend to be the ones the models
+    learnt fast? z of the observed count of both against its hypergeometric expectation
+    (unlikely x fast / n). Clean classes show none or a negative association (hard samples are learnt
+    slowly), also where a weak reference fails a whole class; dirty-label poisons are both."""
+    n, u, f, q = tr["n"], tr["disagreement"], tr["fast_learning"], tr["contradiction"]
+    n1 = np.maximum(n, 2)
+    expect = u * f / n1
+    var = u * f * (n1 - u) * (n1 - f) / (n1 ** 2 * (n1 - 1))
+    z = np.full(len(n), -np.inf)
+    z[ok] = (q[ok] - expect[ok]) / np.sqrt(np.maximum(var[ok], 0.25))
+    return z
+
+
+def _share_z(tr: dict, te: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(extra training samples per class beyond the test split's class shares, its z-score): a class
+    that holds more of the training set than of the test set received relabelled samples."""
+    n_tr, n_te = tr["n"].sum(), te["n"].sum()
+    s_tr, s_te = tr["n"] / max(n_tr, 1), (te["n"] + 0.5) / max(n_te + 0.5 * len(te["n"]), 1)
+    se = np.sqrt(s_te * (1 - s_te) * (1 / max(n_tr, 1) + 1 / max(n_te, 1)))
+    return tr["n"] - s_te * n_tr, (s_tr - s_te) / np.maximum(se, 1e-9)
+
+
 def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarray, num_classes: int,
-                  cfg: VerdictConfig = VerdictConfig(), ref_pred: np.ndarray | None = None) -> Verdict:
+                  cfg: VerdictConfig = VerdictConfig(), test: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  ref_pred: np.ndarray | None = None) -> Verdict:
     """The verdict for one scored training set.
 
     clip_nll, model_nll: (N,) -log p(given label) under the reference and the suspicious models
-    (nats); labels: (N,) given labels; num_classes: K. ref_pred: (N,) the reference's top class,
-    optional (not needed by the statistics; kept for callers' reports).
+    (nats); labels: (N,) given labels; num_classes: K. test: (reference NLL, suspicious-model NLL,
+    labels) of the run's clean test split, (M,) each (recommended; :func:`run_verdict` passes it).
+    With it, per class:
+
+    * ``contradiction``: the association, within the class, between "the reference finds it very
+      unlikely" and "the models learnt it very fast" (hypergeometric z; needs no test split);
+    * ``disagreement``: how much more often the reference finds the class's training samples very
+      unlikely than its test samples (the reference is clean, so the test split is its baseline);
+    * ``fast_learning``: how much more often the models learnt the class's training samples very
+      fast than they fit its test samples (clean-label poisons: the trigger is learnt, the labels are right);
+
+    and the class-share shift between the splits decides the family (dirty-label attacks add
+    relabelled samples to the target class; clean-label ones do not) and estimates the poison count.
+    Without a test split the statistics are compared across classes only (:func:`class_statistics`),
+    with a higher alarm threshold. ref_pred: unused, kept for callers' reports.
     """
     y = np.asarray(labels)
+    if test is None or len(test[2]) < cfg.min_class:
+        return _across_classes(clip_nll, model_nll, y, num_classes, cfg)
+    cn, mn = np.asarray(clip_nll, np.float64), np.asarray(model_nll, np.float64)
+    cn_t, mn_t, y_t = (np.asarray(a) for a in test)
+    ref_cut = float(np.quantile(cn, 1 - cfg.tail))
+    tr = _split_stats(cn, mn, y, num_classes, ref_cut, float(np.quantile(mn, cfg.tail)))
+    te = _split_stats(cn_t, mn_t, y_t, num_classes, ref_cut, float(np.quantile(mn_t, cfg.tail)))
+    ok = (tr["n"] >= cfg.min_class) & (te["n"] >= 5)
+    z = {"contradiction": _association_z(tr, ok), "disagreement": _excess_z(tr, te, "disagreement", ok)[1],
+         "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1]}
+    extra, z_share = _share_z(tr, te)
+    evidence = {}
+    for key, zk in z.items():
+        c = int(np.argmax(zk))
+        evidence[key] = {"class": c, "z": float(zk[c]) if np.isfinite(zk[c]) else float("nan"),
+                         "rate": float(tr[key][c] / max(tr["n"][c], 1)), "test_rate": float(te[key][c] / max(te["n"][c], 1))}
+    best = max(z, key=lambda k: np.max(z[k]))
+    score = float(np.max(z[best])) if np.isfinite(np.max(z[best])) else 0.0
+    quad_share = float(tr["contradiction"].sum() / max(tr["n"].sum(), 1))
+    if score < cfg.threshold:
+        return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share)
+    dirty_z = np.maximum(z["contradiction"], z["disagreement"])
+    hot = np.flatnonzero(dirty_z >= cfg.threshold / 2)
+    if len(hot) > max(2, num_classes // 3):  # poisons under many labels: all-to-all
+        est = int(round(max(0.0, float(tr["contradiction"][hot].sum() - (tr["disagreement"] * tr["fast_learning"]
+                                                                          / np.maximum(tr["n"], 1))[hot].sum()))))
+        return Verdict(True, score, cfg.threshold, [], "all-to-all", "dirty-label", est, evidence, quad_share)
+    target = int(np.argmax(z[best]))
+    evidence["class_share"] = {"class": target, "z": float(z_share[target]), "extra_samples": float(extra[target])}
+    if z_share[target] >= 3.0:  # the target class holds relabelled samples of other classes
+        family, est = "dirty-label", int(round(max(0.0, float(extra[target]))))
+    elif z["fast_learning"][target] >= cfg.threshold / 2:
+        family = "clean-label"
+        est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
+    else:
+        family, est = "undetermined", 0
+    return Verdict(True, score, cfg.threshold, [target], "all-to-one", family, est, evidence, quad_share)
+
+
+def _fast_excess(cn, mn, y, mn_t, y_t, k: int, target: int, tail: float) -> int:
+    """About how many target-class training samples were learnt faster than the class's test samples
+    fit, at one tail: solving p_train = p_test (1 - e/n) + e/n for e."""
+    n = float((y == target).sum())
+    p_tr = float((mn[y == target] < np.quantile(mn, tail)).mean()) if n else 0.0
+    m_t = y_t == target
+    p_te = float((mn_t[m_t] < np.quantile(mn_t, tail)).mean()) if m_t.any() else 0.0
+    return int(max(0.0, round(n * (p_tr - p_te) / max(1.0 - p_te, 1e-6))))
+
+
+def _across_classes(clip_nll: np.ndarray, model_nll: np.ndarray, y: np.ndarray, num_classes: int,
+                    cfg: VerdictConfig) -> Verdict:
+    """The verdict without a test split: each statistic compared across classes (robust z)."""
     cr, mr = rank_normalise(np.asarray(clip_nll, np.float64)), rank_normalise(np.asarray(model_nll, np.float64))
     st = class_statistics(cr, mr, y, num_classes, cfg.tail)
     n = st["n"]
@@ -149,21 +267,27 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     best = max(z, key=lambda k: np.max(z[k]))
     score = float(np.max(z[best])) if np.isfinite(np.max(z[best])) else 0.0
     quad_share = float((st["contradiction"] * n).sum() / max(n.sum(), 1))
-    one = score >= cfg.threshold
+    threshold = cfg.threshold_uncalibrated
+    one = score >= threshold
     spread = not one and quad_share > cfg.quadrant_max
     if not (one or spread):
-        return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share)
+        return Verdict(False, score, threshold, [], "none", "none", 0, evidence, quad_share)
     if spread:
         est = int(round((quad_share - cfg.quadrant_max / 3) * n.sum()))
-        return Verdict(True, score, cfg.threshold, [], "all-to-all", "dirty-label", max(est, 0), evidence, quad_share)
+        return Verdict(True, score, threshold, [], "all-to-all", "dirty-label", max(est, 0), evidence, quad_share)
     target = int(np.argmax(z[best]))
-    dirty = max(z["contradiction"][target], z["disagreement"][target]) >= cfg.threshold / 2
-    clean_label = not dirty and z["fast_learning"][target] >= cfg.threshold
+    dirty = max(z["contradiction"][target], z["disagreement"][target]) >= threshold / 2
+    clean_label = not dirty and z["fast_learning"][target] >= threshold
     family = "dirty-label" if dirty else ("clean-label" if clean_label else "undetermined")
     stat = "disagreement" if dirty and z["disagreement"][target] >= z["contradiction"][target] else (
-        "contradiction" if dirty else "fast_learning")
-    est = _excess(st, stat if stat != "fast_learning" else "fast", target, ok)
-    return Verdict(True, score, cfg.threshold, [target], "all-to-one", family, est, evidence, quad_share)
+        "contradiction" if dirty else "fast")
+    est = max(_excess(class_statistics(cr, mr, y, num_classes, t), stat, target, ok) for t in ESTIMATE_TAILS)
+    return Verdict(True, score, threshold, [target], "all-to-one", family, est, evidence, quad_share)
+
+
+# rank tails over which the poison count is estimated (the largest excess wins: a wide tail holds
+# more of the poisons, a narrow one less of the clean background)
+ESTIMATE_TAILS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def _excess(st: dict, key: str, target: int, ok: np.ndarray) -> int:
@@ -175,3 +299,23 @@ def _excess(st: dict, key: str, target: int, ok: np.ndarray) -> int:
     n_t = float(st["n"][target])
     k = float(st[key][target]) * n_t
     return int(max(0.0, round((k - r0 * n_t) / max(1.0 - r0, 1e-6))))
+
+
+def run_verdict(run, df=None) -> tuple[Verdict, list[str]]:
+    """The verdict of a scored run folder (a :class:`cgd.runs.RunDir`) and its class names: the
+    training set's NLLs from its scores table, compared with its test split's when the run has the
+    test split's logits (runs scored before those were kept are judged across classes only)."""
+    from . import layout
+    from .runs import read_json
+    from .scores import read_scores
+    from .separation import label_nll
+
+    df = read_scores(run) if df is None else df
+    classes = read_json(run.path(layout.DATA, "classes.json"), []) or []
+    k = len(classes) or int(df["label"].max()) + 1
+    test = None
+    if all(run.has(n) for n in (layout.CLIP_LOGITS_TEST, layout.MODEL_LOGITS_TEST, layout.data_file("test_y"))):
+        y_t = run.load_array(layout.data_file("test_y"))
+        test = (label_nll(run.load_array(layout.CLIP_LOGITS_TEST), y_t), label_nll(run.load_array(layout.MODEL_LOGITS_TEST), y_t), y_t)
+    v = audit_verdict(df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), df["label"].to_numpy(), k, test=test)
+    return v, classes

@@ -152,8 +152,8 @@ def _scatter(n: int, webgl: bool | None):
 
 def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray, sigma1: float, sigma2: float,
                 index: np.ndarray | None = None, hover: Sequence[str] | None = None, color_order: Sequence[str] | None = None,
-                webgl: bool | None = None, title: str = "Entropy map", sigma3: float = 0.0):
-    """The 2-D map of CLIP rank (x) against suspicious-model rank (y), one trace per colour group,
+                webgl: bool | None = None, title: str = "Entropy map", sigma3: float = 0.0, ref: str = "CLIP"):
+    """The 2-D map of the reference's rank (x; ``ref`` names it: "CLIP" or "reference classifier") against suspicious-model rank (y), one trace per colour group,
     with the CGD threshold lines:
 
     * clean region: x <= 1 - sigma1 and y >= sigma1 (teal lines);
@@ -184,14 +184,22 @@ def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray
         text = None if hover is None else np.asarray(hover)[m]
         fig.add_trace(Sc(x=x[m], y=y[m], mode="markers", name=f"{g} ({int(m.sum()):,})", customdata=cd, text=text,
                          marker=dict(size=size, color=pal[g], opacity=0.75, line=dict(width=0)),
-                         hovertemplate="sample %{customdata[0]}<br>CLIP rank %{x:.3f}<br>model rank %{y:.3f}"
+                         hovertemplate="sample %{customdata[0]}<br>" + ref + " rank %{x:.3f}<br>model rank %{y:.3f}"
                                        + ("<br>%{text}" if text is not None else "") + f"<extra>{g}</extra>"))
-    for v, col, dash, lab in ((1 - sigma1, SUBSET_COLORS["clean"], "dash", "1−σ1"), (1 - sigma2, SUBSET_COLORS["suspect"], "dot", "1−σ2")):
-        fig.add_vline(x=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}", annotation=_ANN,
-                      annotation_position="top left" if col == SUBSET_COLORS["clean"] else "top right")
-    for v, col, dash, lab in ((sigma1, SUBSET_COLORS["clean"], "dash", "σ1"), (sigma2, SUBSET_COLORS["suspect"], "dot", "σ2")):
-        fig.add_hline(y=v, line=dict(color=col, dash=dash, width=2), annotation_text=f"{lab} = {v:.2f}", annotation=_ANN,
-                      annotation_position="bottom left" if col == SUBSET_COLORS["suspect"] else "top left")
+    # threshold lines, labelled outside the plot area so the labels never sit on each other or the points:
+    # vertical lines above it (staggered when close), horizontal lines to its right
+    vlines = [(1 - sigma1, SUBSET_COLORS["clean"], "dash", "1−σ1"), (1 - sigma2, SUBSET_COLORS["suspect"], "dot", "1−σ2")]
+    hlines = [(sigma1, SUBSET_COLORS["clean"], "dash", "σ1"), (sigma2, SUBSET_COLORS["suspect"], "dot", "σ2")]
+    close_v = abs(vlines[0][0] - vlines[1][0]) < 0.12
+    close_h = abs(hlines[0][0] - hlines[1][0]) < 0.06
+    for i, (v, col, dash, lab) in enumerate(vlines):
+        fig.add_vline(x=v, line=dict(color=col, dash=dash, width=2))
+        fig.add_annotation(x=v, y=1.0 + (0.075 if close_v and i == 1 else 0.0), xref="x", yref="paper", yanchor="bottom",
+                           text=f"{lab} = {v:.2f}", showarrow=False, font=dict(size=11, color=col), bgcolor=_ANN["bgcolor"])
+    for i, (v, col, dash, lab) in enumerate(hlines):
+        fig.add_hline(y=v, line=dict(color=col, dash=dash, width=2))
+        fig.add_annotation(x=1.0, y=v, xref="paper", yref="y", xanchor="left", xshift=4 + (58 if close_h and i == 1 else 0),
+                           text=f"{lab} = {v:.2f}", showarrow=False, font=dict(size=11, color=col), bgcolor=_ANN["bgcolor"])
     if sigma3 > 0 and n:
         t = float(np.quantile(x - y, 1 - sigma3))  # suspect where x - y > t: right of the line x = y + t
         y0, y1 = max(0.0, -t), min(1.0, 1.0 - t)
@@ -199,8 +207,10 @@ def entropy_map(clip_rank: np.ndarray, model_rank: np.ndarray, color: np.ndarray
             fig.add_shape(type="line", x0=y0 + t, y0=y0, x1=y1 + t, y1=y1,
                           line=dict(color=SUBSET_COLORS["suspect"], dash="dashdot", width=2))
             fig.add_annotation(x=y1 + t, y=y1, text=f"σ3 = {sigma3:.2f}", showarrow=False, xanchor="right", yanchor="bottom", bgcolor=_ANN["bgcolor"], font=_ANN["font"])
-    fig.update_layout(**_LAYOUT, title=_title(title), height=520, dragmode="lasso",
-                      xaxis=dict(title="CLIP rank (high = CLIP disagrees with the label)", range=[-0.02, 1.02]),
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=110, t=130, b=50),
+                         "legend": dict(orientation="h", yanchor="bottom", y=1.16, xanchor="left", x=0.0)},
+                      title=_title(title), height=560, dragmode="lasso",
+                      xaxis=dict(title=f"{ref} rank (high = the {ref} disagrees with the label)", range=[-0.02, 1.02]),
                       yaxis=dict(title="suspicious-model rank (low = learnt fastest)", range=[-0.02, 1.02]))
     return fig
 
@@ -243,8 +253,10 @@ def embedding_scatter(xy: np.ndarray, index: np.ndarray, color: np.ndarray, cont
     return fig
 
 
-def roc_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], title: str = "ROC: each entropy as a poison detector"):
-    """ROC curves: one (name, fpr, tpr, auroc) per curve, plus the chance diagonal."""
+def roc_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], title: str = "ROC: each entropy as a poison detector",
+               points: Sequence[tuple[str, float, float]] = ()):
+    """ROC curves: one (name, fpr, tpr, auroc) per curve, plus the chance diagonal; ``points``:
+    operating points (name, fpr, tpr) drawn as markers, e.g. the suspect subset at the current thresholds."""
     go = _go()
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#CBD5E1", dash="dash"), name="chance",
@@ -254,6 +266,10 @@ def roc_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray, float]], titl
         fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUROC {auc:.3f})",
                                  line=dict(color=colors[i % len(colors)], width=2.5),
                                  hovertemplate="FPR %{x:.3f}<br>TPR %{y:.3f}<extra>" + name + "</extra>"))
+    for name, fpr, tpr in points:
+        fig.add_trace(go.Scatter(x=[fpr], y=[tpr], mode="markers+text", name=name, text=[name], textposition="bottom right",
+                                 marker=dict(color="#DC2626", size=12, symbol="x", line=dict(width=2)),
+                                 hovertemplate=f"{name}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<extra></extra>"))
     fig.update_layout(**_LAYOUT, title=_title(title), height=400, xaxis=dict(title="false positive rate", range=[0, 1]),
                       yaxis=dict(title="true positive rate", range=[0, 1.02]))
     return fig
@@ -373,6 +389,50 @@ def zero_shot_table(clip_logits: np.ndarray, labels: np.ndarray, classes: Sequen
 # ------------------------------------------------------------------------------------------------
 # Images
 # ------------------------------------------------------------------------------------------------
+
+def group_layout(xy: np.ndarray, group: np.ndarray) -> dict:
+    """How a group of points (e.g. the poisoned or suspect samples) lies on a 2-D map, for a caption
+    that describes the plot instead of presuming it.
+
+    xy: (M, 2); group: (M,) bool. Returns {"n", "own_cluster" (bool),
+    "ratio"}: ratio = median distance of a group point to its nearest other group point over the
+    median distance to its nearest point outside the group; well below 1 means the group forms
+    clusters of its own, near or above 1 means it sits among the other samples.
+    """
+    xy, group = np.asarray(xy, float), np.asarray(group, bool)
+    gi = np.flatnonzero(group)
+    if len(gi) < 5 or (~group).sum() < 5:
+        return {"n": int(len(gi)), "own_cluster": False, "ratio": float("nan")}
+    pick = gi if len(gi) <= 2000 else np.random.default_rng(0).choice(gi, 2000, replace=False)
+    to_group, to_other = [], []
+    for i in pick:
+        d = np.sqrt(((xy - xy[i]) ** 2).sum(1))
+        d[i] = np.inf
+        to_group.append(d[group].min())
+        to_other.append(d[~group].min())
+    if not to_group:
+        return {"n": int(len(gi)), "own_cluster": False, "ratio": float("nan")}
+    ratio = float(np.median(to_group) / max(np.median(to_other), 1e-9))
+    return {"n": int(len(gi)), "own_cluster": ratio < 0.5, "ratio": ratio}
+
+
+def class_rows(images: np.ndarray, labels: np.ndarray, classes: Sequence[str], shown: Sequence[str], per: int, seed: int,
+               min_px: int = 64) -> list[tuple[str, int, np.ndarray]]:
+    """One row of ``per`` seeded samples per class name in ``shown``: [(name, class count, (h, w, 3) uint8)].
+
+    images: (N, H, W, 3) uint8 (may be memory-mapped; only the picked rows are read); labels: (N,).
+    Each thumbnail is upscaled by an integer factor to at least ``min_px`` pixels."""
+    rng = np.random.default_rng(seed)
+    out = []
+    scale = max(1, min_px // images.shape[1])
+    for name in shown:
+        idx = np.flatnonzero(labels == list(classes).index(name))
+        if len(idx) == 0:
+            continue
+        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False))
+        out.append((name, int(len(idx)), mosaic(upscale(np.asarray(images[pick]), scale), cols=per)))
+    return out
+
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Nearest-neighbour enlargement of an (H, W, 3) or (N, H, W, 3) uint8 image by an integer factor."""

@@ -1,7 +1,8 @@
-"""Shared frame for the dashboard pages: folders and path safety, session state, cached readers of
-run artefacts, error display, number formats, score definitions and the job panel.
+"""Shared frame for the dashboard pages: folders and path safety, the selected run (kept in the URL),
+cached readers of run artefacts, the unsaved-separation draft, error display, number formats, the job
+panel and the sidebar.
 
-Pages draw and call the library (``cgd``); nothing here computes a method result either.
+Pages draw and call the library (``import cgd``); nothing here computes a method result.
 """
 from __future__ import annotations
 
@@ -16,31 +17,27 @@ from typing import Any, Iterator
 import numpy as np
 import streamlit as st
 
+import cgd
+from cgd import demo as _demo
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 LOGO = ASSETS / "logo.svg"
 LOGO_ICON = ASSETS / "logo-icon.svg"
-DEMO_ROOT = ASSETS / "demo"
-DEMO_DATA = DEMO_ROOT / "cifar10"
-DEMO_SPEC = f"imagefolder:{DEMO_DATA}"
+DEMO_ROOT, DEMO_DATA, DEMO_SPEC = _demo.DEMO_ROOT, _demo.DEMO_DATA, _demo.DEMO_SPEC
 PAGES = {"dataset": "views/1_dataset.py", "score": "views/2_score.py", "inspect": "views/3_inspect.py",
          "separate": "views/4_separate.py", "retrain": "views/5_retrain.py"}
 
 log = logging.getLogger("cgd.dashboard")
 
-# One-line definitions, shown as tooltips (help=) wherever the quantity appears.
-HELP = {
-    "clip_nll": "CLIP entropy: −log p(given label) under the reference (CLIP zero-shot or reference classifier), in nats. "
+# Definitions of the quantities the pages show (the settings' own help texts come from cgd.config).
+TERMS = {
+    "clip_nll": "{ref} entropy: −log p(given label) under the reference ({ref}), in nats. "
                 "High = the reference disagrees with the label (typical of dirty-label poison).",
     "model_nll": "Suspicious-model entropy: −log p(given label) under models trained briefly on this data, in nats. "
                  "Low = learnt unusually fast (typical of any backdoor).",
-    "clip_rank": "CLIP rank: position of the sample's CLIP entropy among all samples, divided by N (0 = most confident, 1 = least).",
+    "clip_rank": "{ref} rank: position of the sample's {ref} entropy among all samples, divided by N (0 = most confident, 1 = least).",
     "model_rank": "Model rank: position of the sample's suspicious-model entropy among all samples, divided by N (0 = learnt fastest).",
-    "sigma1": "σ1, clean margin: a sample is clean when CLIP rank ≤ 1 − σ1 and model rank ≥ σ1. Larger σ1 = smaller, purer clean subset.",
-    "sigma2": "σ2, suspect margin: a sample is suspect when CLIP rank > 1 − σ2 or model rank < σ2. Larger σ2 = more samples flagged.",
-    "rank_mode": "global: ranks over the whole set (the paper); per_class: ranks within each given label.",
-    "sigma3": "σ3, joint margin: a sample is also suspect when it is in the top σ3 of rank(CLIP rank − model rank), "
-              "i.e. fairly suspicious on both axes at once. 0 = the paper's rule.",
     "clean": "Clean subset: samples both axes agree look normal; retraining fits their labels.",
     "suspect": "Suspect subset: samples flagged as possibly poisoned; retraining distils the reference on them and unlearns their labels.",
     "unused": "Unused: neither clean nor suspect; left out of retraining.",
@@ -53,27 +50,22 @@ HELP = {
     "ca": "CA, clean accuracy: accuracy on the clean test set, in %.",
     "asr": "ASR, attack success rate: share of triggered test images classified as the attacker's target, in % (lower is better).",
     "ra": "RA, robust accuracy: share of triggered test images still classified as their true class, in %.",
-    "epochs": "Retraining epochs (each at most `max batches` batches).",
-    "lr": "Learning rate of SGD (momentum 0.9, cosine schedule).",
-    "alpha": "α: weight of the distillation term KL(reference ‖ model) on suspect samples.",
-    "beta": "β: weight of the unlearning term (mean log-probability of the suspect samples' given labels).",
-    "patience": "Epochs in a row with CA more than the tolerance below the best epoch before training stops and the "
-                "last good weights are restored. 1 = the paper's recipe; 2 rides out the dip of the first epochs.",
-    "unlearn_floor": "A suspect sample stops pushing its label down once the model gives that label less than this "
-                     "probability. 0 = never (the paper's recipe); 1e-4 keeps the unlearning from eroding clean features "
-                     "after the backdoor is gone.",
-    "temperature": "T: softmax temperature of the distillation term.",
-    "tolerance": "Tolerance: stop early and restore the previous weights when CA falls more than this many points below the best epoch.",
-    "max_batches": "Maximum batches per retraining epoch.",
-    "batch_size": "Samples per batch.",
-    "zero_shot": "Zero-shot accuracy: share of samples whose reference top-1 class equals the true class (given label where no ground truth).",
+    "zero_shot": "Accuracy of the reference ({ref}) on the training set: share of samples whose top-1 class equals the "
+                 "true class (the given label where there is no ground truth).",
     "rate": "Processing speed of the current stage.",
-    "poison_rate": "Share of the training set the simulator poisons.",
-    "target": "The class the backdoor should make triggered images predict.",
 }
 
-SUBSET_CODES = {"unused": 0, "clean": 1, "suspect": 2}
-CODE_NAMES = {v: k for k, v in SUBSET_CODES.items()}
+
+def term(key: str, ref: str = "CLIP") -> str:
+    """A definition from :data:`TERMS` (``{ref}`` = the run's reference name) or a setting's help text."""
+    if key in TERMS:
+        return TERMS[key].format(ref=ref)
+    return cgd.help_for(key)
+
+
+def ref_name(run) -> str:
+    """What this run's reference is called on the pages: "CLIP" or "reference classifier"."""
+    return cgd.catalog.reference_label((run_config(run) or {}).get("reference"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,6 +165,8 @@ def list_under(root: Path, want: str, suffixes: tuple[str, ...] = (), max_depth:
             for e in entries:
                 if e.name.startswith("."):
                     continue
+                if e.is_symlink() and not _within(e.resolve(), root):
+                    continue  # a link that leads outside the root is never offered
                 if e.is_dir() and not e.is_symlink():
                     nxt.append(e)
                     if want == "dir":
@@ -193,7 +187,9 @@ def save_upload(uploaded, subdir: str = "uploads") -> Path:
     if size > max_upload_bytes():
         raise PathRejected(f"{uploaded.name}: {size / 1e6:.1f} MB exceeds the upload limit of "
                            f"{max_upload_bytes() / 1e6:.0f} MB (CGD_MAX_UPLOAD_MB); copy large files into the data folder instead")
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name).lstrip(".") or "upload"
+    # a stored upload is always named upload-<name>: it can never pose as a file a loader looks for by
+    # name (a BackdoorBench record's attack_result.pt, a dataset's batch files)
+    name = "upload-" + (re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name).lstrip(".") or "file")
     dest = data_root() / subdir / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     from cgd.runs import atomic_write_bytes
@@ -215,12 +211,15 @@ def _advice(e: BaseException) -> str:
     from cgd.runs import RunLockedError
 
     name = e.__class__.__name__
+    if name == "ConfigError":
+        return "Change the setting it names."
     if isinstance(e, RunLockedError):
         return "Wait for the running job to finish, or stop it, then try again."
     if isinstance(e, PathRejected):
         return "Choose a path inside the data folder (CGD_DATA_ROOT) or the runs folder (CGD_RUNS_ROOT)."
     if name == "DatasetError":
-        return "Check the dataset path and layout (see the help under the source picker)."
+        return ("Check the dataset path and layout (see the help under the source picker); for an image folder with an "
+                "unreadable file, tick 'Also skip image files that cannot be read'.")
     if name == "CheckpointError":
         return "Pick a checkpoint written by cgd (safetensors + JSON sidecar) that fits this dataset."
     if name == "ReferenceError":
@@ -299,13 +298,17 @@ def device_facts() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Selected run and cached readers
+# The selected run: session state, mirrored in the URL (?run=NAME) so a reload keeps it
 # ------------------------------------------------------------------------------------------------
+
+def run_dirs() -> list:
+    """Run folders under the runs root; a symlinked folder that leads outside it is left out."""
+    root = runs_root()
+    return [r for r in cgd.list_runs(root) if _within(r.root.resolve(), root)]
+
 
 def current_run():
     """The selected RunDir (or None), validated to lie inside the runs root."""
-    from cgd.runs import RunDir
-
     p = st.session_state.get("run")
     if not p:
         return None
@@ -314,17 +317,42 @@ def current_run():
     except PathRejected:
         st.session_state.pop("run", None)
         return None
-    return RunDir(path)
+    return cgd.RunDir(path)
 
 
 def select_run(path: str | os.PathLike | None) -> None:
-    """Make ``path`` the selected run and reset the per-run interaction state."""
+    """Make ``path`` the selected run, put it in the URL and reset the per-run interaction state."""
     new = str(Path(path).resolve()) if path else None
     if st.session_state.get("run") != new:
         st.session_state["run"] = new
         for k in ("sep_for", "sigma1", "sigma2", "sigma3", "rank_mode", "overrides", "selection", "w_sigma1", "w_sigma2",
-                  "w_sigma3", "w_rank_mode"):
+                  "w_sigma3", "w_rank_mode", "draft_restored"):
             st.session_state.pop(k, None)
+    _url_run(new)
+
+
+def _url_run(path: str | None) -> None:
+    name = Path(path).name if path else None
+    if name and st.query_params.get("run") != name:
+        st.query_params["run"] = name
+    elif not name and "run" in st.query_params:
+        del st.query_params["run"]
+
+
+def run_from_url() -> None:
+    """Select the run named in ``?run=NAME`` (a reload, a bookmark, a shared link)."""
+    qp = st.query_params.get("run")
+    cur = st.session_state.get("run")
+    if not qp or (cur and Path(cur).name == qp):
+        return
+    try:
+        p = safe_path(qp, [runs_root()])
+        if (p / cgd.layout.RUN_JSON).is_file():
+            select_run(p)
+        else:
+            st.toast(f"{qp!r} is not a run folder under {display_path(runs_root())}")
+    except PathRejected as e:
+        st.toast(str(e))
 
 
 def require_run(need: tuple[str, ...] = (), what: str = "this page"):
@@ -336,8 +364,13 @@ def require_run(need: tuple[str, ...] = (), what: str = "this page"):
         st.stop()
     missing = [n for n in need if not run.has(n)]
     if missing:
-        st.info(f"Run **{run.root.name}** has no scores yet ({', '.join(missing)} missing). Score it first.",
-                icon=":material/info:")
+        s = cgd.jobs.job_status(run)
+        if s.active:
+            st.info(f"Run **{run.root.name}** is being scored ({s.stage or s.state}); this page fills in when it finishes.",
+                    icon=":material/hourglass:")
+        else:
+            st.info(f"Run **{run.root.name}** has no scores yet ({', '.join(missing)} missing). Score it first.",
+                    icon=":material/info:")
         st.page_link(PAGES["score"], label="Go to Score", icon=":material/speed:")
         st.stop()
     return run
@@ -346,54 +379,66 @@ def require_run(need: tuple[str, ...] = (), what: str = "this page"):
 def _mtime(run, *names: str) -> tuple:
     out = []
     for n in names:
-        p = run.path(n)
         try:
-            st_ = p.stat()
+            st_ = run.path(n).stat()
             out.append((n, st_.st_size, st_.st_mtime_ns))
         except OSError:
             out.append((n, None))
     return tuple(out)
 
 
+# ------------------------------------------------------------------------------------------------
+# Cached readers of run artefacts (keyed by the files' sizes and modification times)
+# ------------------------------------------------------------------------------------------------
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _run_data(root: str, key: tuple):
-    from cgd.pipeline import load_run_data
-    from cgd.runs import RunDir
-
-    return load_run_data(RunDir(root), mmap=True)
+    return cgd.load_run_data(cgd.RunDir(root), mmap=True)
 
 
 def run_data(run):
     """The run's dataset (images memory-mapped), cached until the data stage rewrites it."""
-    return _run_data(str(run.root), _mtime(run, "data/train_x.npy", "data/train_y.npy", "data/poison_mask.npy"))
+    L = cgd.layout
+    return _run_data(str(run.root), _mtime(run, L.data_file("train_x"), L.data_file("train_y"), L.data_file("poison_mask")))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _scores(root: str, rank_mode: str, key: tuple):
-    from cgd.pipeline import RunConfig, scores_table
-    from cgd.runs import RunDir
-    from cgd.separation import SeparationConfig
-
-    run = RunDir(root)
-    cfg = RunConfig.from_dict(run.read_run().get("config", {}))
-    return scores_table(run, SeparationConfig(cfg.sigma1, cfg.sigma2, rank_mode, cfg.sigma3), overrides={})
+def _scores(root: str, key: tuple):
+    return cgd.read_scores(cgd.RunDir(root))
 
 
-def scores(run, rank_mode: str = "global"):
-    """Per-sample scores (cgd.pipeline.scores_table) without overrides, cached on the logits' mtimes."""
-    return _scores(str(run.root), rank_mode, _scores_key(run))
+def scores(run):
+    """The run's scores table (cgd.scores: NLLs, ranks in both rank modes, saved subsets), cached."""
+    return _scores(str(run.root), _mtime(run, cgd.layout.SCORES))
+
+
+def ranks(df, rank_mode: str) -> tuple[np.ndarray, np.ndarray]:
+    return cgd.ranks(df, rank_mode)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _verdict(root: str, key: tuple, classes: tuple) -> dict:
+    run = cgd.RunDir(root)
+    saved = cgd.read_json(run.path(cgd.layout.VERDICT_JSON), None)
+    if saved:
+        return saved
+    v, names = cgd.verdict.run_verdict(run)  # a run scored before verdicts existed: judge it now
+    return v.to_dict(names or list(classes))
+
+
+def verdict(run, classes: list[str]) -> dict:
+    """The audit verdict of the run (verdict.json, or computed from its scores when absent)."""
+    return _verdict(str(run.root), _mtime(run, cgd.layout.VERDICT_JSON, cgd.layout.SCORES), tuple(classes))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _trigger_views(root: str, key: tuple, suspect_digest: str, target: int, _images, _labels, _suspect) -> dict:
-    from cgd import viz
-
-    return viz.trigger_views(_images, _labels, _suspect, target)
+    return cgd.viz.trigger_views(_images, _labels, _suspect, target)
 
 
 def trigger_views(run, images, labels: np.ndarray, suspect: np.ndarray, target: int) -> dict:
     """cgd.viz.trigger_views, cached per run, suspect set and target (it reads every image once)."""
-    return _trigger_views(str(run.root), _mtime(run, "data/train_x.npy"), _digest(np.asarray(suspect, bool), labels),
+    return _trigger_views(str(run.root), _mtime(run, cgd.layout.data_file("train_x")), _digest(np.asarray(suspect, bool), labels),
                           int(target), images, labels, suspect)
 
 
@@ -407,50 +452,42 @@ def _digest(*arrays) -> str:
     return h.hexdigest()
 
 
-def _scores_key(run) -> tuple:
-    return _mtime(run, "clip_logits.npy", "model_logits.npy", "data/train_y.npy", "data/poison_mask.npy")
-
-
 @st.cache_data(show_spinner=False, max_entries=32)
 def _detection(root: str, key: tuple, digest: str, _subset, _poison_mask, _clip_nll, _model_nll) -> dict:
-    from cgd.separation import detection_metrics
-
-    return detection_metrics(_subset, _poison_mask, _clip_nll, _model_nll)
+    return cgd.detection_metrics(_subset, _poison_mask, _clip_nll, _model_nll)
 
 
 def detection(run, df, subset: np.ndarray, poison_mask: np.ndarray) -> dict:
-    """cgd.separation.detection_metrics for this subset, cached per run and subset (AUROCs sort N scores)."""
-    return _detection(str(run.root), _scores_key(run), _digest(subset), subset, poison_mask,
+    """cgd.detection_metrics for this subset, cached per run and subset (AUROCs sort N scores)."""
+    return _detection(str(run.root), _mtime(run, cgd.layout.SCORES), _digest(subset), subset, poison_mask,
                       df["clip_nll"].to_numpy(), df["model_nll"].to_numpy())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _roc(root: str, key: tuple, _clip_nll, _model_nll, _poison_mask) -> list:
-    from cgd.separation import auroc, roc_curve
-
+def _roc(root: str, key: tuple, ref: str, _clip_nll, _model_nll, _poison_mask) -> list:
     out = []
-    for name, s in (("CLIP entropy (high = poison)", _clip_nll), ("model entropy (low = poison)", -_model_nll)):
-        f, t = roc_curve(s, _poison_mask)
-        out.append((name, f, t, auroc(s, _poison_mask)))
+    for name, s in ((f"{ref} entropy (high = poison)", _clip_nll), ("model entropy (low = poison)", -_model_nll)):
+        f, t = cgd.roc_curve(s, _poison_mask)
+        out.append((name, f, t, cgd.auroc(s, _poison_mask)))
     return out
 
 
-def roc_curves(run, df, poison_mask: np.ndarray) -> list:
+def roc_curves(run, df, poison_mask: np.ndarray, ref: str = "CLIP") -> list:
     """[(name, fpr, tpr, auroc)] for both entropies, cached per run."""
-    return _roc(str(run.root), _scores_key(run), df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), poison_mask)
+    return _roc(str(run.root), _mtime(run, cgd.layout.SCORES), ref, df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(),
+                poison_mask)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _sweep(root: str, key: tuple, rank_mode: str, ratio: float, sigma3: float, _clip_rank, _model_rank, _poison_mask) -> list:
-    from cgd.separation import threshold_sweep
-
-    return threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio, sigma3=sigma3)
+    return cgd.threshold_sweep(_clip_rank, _model_rank, _poison_mask, sigma2_ratio=ratio, sigma3=sigma3)
 
 
 def sweep(run, df, poison_mask, rank_mode: str, ratio: float, sigma3: float) -> list[dict]:
-    """cgd.separation.threshold_sweep over sigma1, cached per run, rank mode, sigma2 ratio and sigma3."""
-    return _sweep(str(run.root), _scores_key(run), rank_mode, round(float(ratio), 4), round(float(sigma3), 4),
-                  df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), poison_mask)
+    """cgd.threshold_sweep over sigma1, cached per run, rank mode, sigma2 ratio and sigma3."""
+    cr, mr = cgd.ranks(df, rank_mode)
+    return _sweep(str(run.root), _mtime(run, cgd.layout.SCORES), rank_mode, round(float(ratio), 4), round(float(sigma3), 4),
+                  cr, mr, poison_mask)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -459,78 +496,99 @@ def _class_mosaics(ident: tuple, shown: tuple, per: int, seed: int, _images, _la
 
     from PIL import Image
 
-    from cgd import viz
-
-    rng = np.random.default_rng(seed)
     out = []
-    for name in shown:
-        idx = np.flatnonzero(_labels == _classes.index(name))
-        if len(idx) == 0:
-            continue
-        pick = np.sort(rng.choice(idx, size=min(per, len(idx)), replace=False))
-        scale = max(1, 64 // _images.shape[1])
+    for name, count, img in cgd.viz.class_rows(_images, _labels, list(_classes), shown, per, seed, min_px=64):
         buf = io.BytesIO()
-        Image.fromarray(viz.mosaic(viz.upscale(np.asarray(_images[pick]), scale), cols=per)).save(buf, format="PNG")
-        out.append((name, int(len(idx)), buf.getvalue()))
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append((name, count, buf.getvalue()))
     return out
 
 
 def class_mosaics(train, shown: tuple, per: int, seed: int) -> list[tuple[str, int, bytes]]:
     """[(class name, class count, PNG bytes of a row of ``per`` seeded samples)], cached per dataset."""
     ident = (train.name, len(train.labels), train.images.shape, _digest(train.labels))
-    return _class_mosaics(ident, tuple(shown), int(per), int(seed), train.images, train.labels, list(train.classes))
+    return _class_mosaics(ident, tuple(shown), int(per), int(seed), train.images, train.labels, tuple(train.classes))
 
 
 def run_config(run) -> dict:
-    from cgd.pipeline import RunConfig
+    """The run's recorded configuration, flat (cgd.config's flat view)."""
+    return cgd.RunConfig.from_dict(run.read_run().get("config", {})).to_dict()
 
-    return RunConfig.from_dict(run.read_run().get("config", {})).to_dict()
+
+# ------------------------------------------------------------------------------------------------
+# The separation being edited: session state, kept as a draft in the run folder (cgd.drafts)
+# ------------------------------------------------------------------------------------------------
+
+def _session_draft():
+    s = st.session_state
+    sep = cgd.SeparationConfig(float(s["sigma1"]), float(s["sigma2"]), s["rank_mode"], float(s["sigma3"]))
+    return cgd.Draft(sep, dict(s.get("overrides") or {}))
 
 
 def init_separation_state(run) -> None:
-    """Session sliders and overrides start from the run's saved separation."""
+    """Session sliders and overrides start from the run's unsaved draft (a reloaded tab finds it
+    again) or else from its saved separation."""
     if st.session_state.get("sep_for") == str(run.root) and all(k in st.session_state for k in ("sigma1", "sigma2", "sigma3", "rank_mode")):
         return
-    cfg = run_config(run)
-    st.session_state["sigma1"] = float(cfg["sigma1"])
-    st.session_state["sigma2"] = float(cfg["sigma2"])
-    st.session_state["sigma3"] = float(cfg["sigma3"])
-    st.session_state["rank_mode"] = cfg["rank_mode"]
-    try:
-        st.session_state["overrides"] = run.read_overrides()
-    except ValueError:
-        st.session_state["overrides"] = {}
+    draft = cgd.drafts.read_draft(run)
+    st.session_state["draft_restored"] = draft is not None
+    d = draft or cgd.drafts.saved(run)
+    st.session_state.update(sigma1=float(d.separation.sigma1), sigma2=float(d.separation.sigma2),
+                            sigma3=float(d.separation.sigma3), rank_mode=d.separation.rank_mode, overrides=dict(d.overrides))
     st.session_state["sep_for"] = str(run.root)
 
 
-def saved_separation(run) -> dict:
-    cfg = run_config(run)
+def keep_draft(run) -> None:
+    """Write the session's thresholds and moves into the run folder's draft (dropped when saved)."""
     try:
-        ov = run.read_overrides()
-    except ValueError:
-        ov = {}
-    return {"sigma1": float(cfg["sigma1"]), "sigma2": float(cfg["sigma2"]), "sigma3": float(cfg["sigma3"]),
-            "rank_mode": cfg["rank_mode"], "overrides": ov}
+        cgd.drafts.write_draft(run, _session_draft())
+    except OSError as e:  # a read-only run folder: the draft lives in this tab only
+        log.warning("could not keep the draft of %s: %s", run.root, e)
+
+
+def saved_separation(run):
+    return cgd.drafts.saved(run)
 
 
 def unsaved_separation(run) -> bool:
-    s = saved_separation(run)
-    return (any(abs(s[k] - st.session_state.get(k, s[k])) > 1e-9 for k in ("sigma1", "sigma2", "sigma3"))
-            or s["rank_mode"] != st.session_state.get("rank_mode", s["rank_mode"])
-            or s["overrides"] != st.session_state.get("overrides", s["overrides"]))
+    return _session_draft().differs_from(cgd.drafts.saved(run))
 
 
 def current_subset(df) -> np.ndarray:
-    """(N,) subset codes at the session's sigma1/sigma2/sigma3 with the session's manual overrides."""
-    from cgd.separation import apply_overrides, separate
-
-    sub = separate(df["clip_rank"].to_numpy(), df["model_rank"].to_numpy(), float(st.session_state["sigma1"]),
-                   float(st.session_state["sigma2"]), float(st.session_state["sigma3"]))
-    return apply_overrides(sub, st.session_state.get("overrides") or {})
+    """(N,) Subset codes at the session's thresholds and rank mode, with its manual moves."""
+    d = _session_draft()
+    return cgd.subsets(df, d.separation, d.overrides)
 
 
 def subset_names(codes: np.ndarray) -> np.ndarray:
-    return np.array(["unused", "clean", "suspect"])[np.asarray(codes, np.int64)]
+    return np.array([m.label for m in cgd.Subset])[np.asarray(codes, np.int64)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The audit verdict
+# ------------------------------------------------------------------------------------------------
+
+def verdict_card(run, classes: list[str], subset: np.ndarray | None = None) -> dict:
+    """The verdict at the top of a page: poisoned or not, target, family, estimated count. On a set
+    judged clean it says so and calls the rule's flagged tail what it is: the lowest-ranked samples."""
+    v = verdict(run, classes)
+    with st.container(border=True):
+        if v.get("poisoned"):
+            tgt = ", ".join(f"{t}: {n}" for t, n in zip(v.get("targets", []), v.get("target_names", []))) or "spread over all labels"
+            st.markdown("#### :material/gpp_bad: Poisoning found")
+            a, b, c_, d = st.columns(4)
+            a.metric("Target class", tgt if v.get("mode") != "all-to-all" else "all-to-all")
+            b.metric("Attack family", v.get("family", "?"))
+            c_.metric("Poisoned samples (estimate)", f"≈ {fmt_int(v.get('estimated_poisons'))}")
+            d.metric("Evidence score", f"{v.get('score', 0):.1f}", help=f"Largest robust z-score over classes; the alarm is "
+                     f"at {v.get('threshold', 0):.1f} (cgd.verdict). Clean sets stay below it.")
+            st.caption(v.get("summary", ""))
+        else:
+            st.markdown("#### :material/verified_user: No sign of poisoning")
+            share = float((np.asarray(subset) == int(cgd.Subset.SUSPECT)).mean()) if subset is not None and len(subset) else None
+            st.caption(v.get("summary", "") + (f" The rule below still flags its tails: those are the lowest-ranked "
+                                               f"{100 * share:.1f} % of the set, not suspects." if share is not None else ""))
+    return v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,51 +602,19 @@ STATE_BADGE = {"idle": ("idle", "gray"), "starting": ("starting", "blue"), "runn
 
 def job_badge(run) -> None:
     """The run's job state as a badge, refreshed every 2 s while a job is active."""
-    from cgd import jobs
 
     def body() -> None:
-        s = jobs.job_status(run)
+        s = cgd.jobs.job_status(run)
         text, color = STATE_BADGE.get(s.state, (s.state, "gray"))
         st.badge(f"{s.command or 'job'}: {text}" if s.state != "idle" else "no job yet", color=color)
 
-    st.fragment(body, run_every=2.0 if jobs.job_status(run).active else None)()
+    st.fragment(body, run_every=2.0 if cgd.jobs.job_status(run).active else None)()
 
 
-def _progress_text(s) -> str:
-    if s.state == "starting":  # the job has not reported yet (imports, or a setup step such as a reference)
-        parts = [s.stage or "starting"]
-        if s.started:
-            from datetime import datetime, timezone
-
-            try:
-                el = (datetime.now(timezone.utc) - datetime.fromisoformat(s.started)).total_seconds()
-                parts.append(f"{fmt_duration(el)} elapsed")
-            except ValueError:
-                pass
-        return " · ".join(parts)
-    parts = [s.stage or s.state]
-    if s.total:
-        parts.append(f"{fmt_int(s.done)} / {fmt_int(s.total)} {s.unit or ''}".strip())
-    parts.append(f"{100 * s.progress:.0f} %")
-    if s.rate:
-        unit = {"img": "images"}.get(s.unit, s.unit or "items")
-        if s.rate >= 100:
-            parts.append(f"{s.rate:,.0f} {unit}/s")
-        elif s.rate >= 1:
-            parts.append(f"{s.rate:,.1f} {unit}/s")
-        else:
-            parts.append(f"{1 / s.rate:,.1f} s per {s.unit or 'item'}")
-    if s.eta_s is not None:
-        parts.append(f"ETA {fmt_duration(s.eta_s)}")
-    return " · ".join(parts)
-
-
-def job_panel(run, key: str, kinds: tuple[str, ...] = (), poll_s: float = 1.0) -> Any:
-    """Progress of the run's job, polled with ``st.fragment(run_every=...)`` while it is active;
-    a full rerun follows when it finishes. ``kinds``: the job labels this page started (others are
-    still shown, read-only). Returns the JobStatus seen at draw time."""
-    from cgd import jobs
-
+def job_panel(run, key: str, poll_s: float = 1.0) -> Any:
+    """Progress of the run's job, polled with ``st.fragment(run_every=...)`` while it is active, with
+    the one Stop button; a full rerun follows when it finishes. Returns the JobStatus seen at draw time."""
+    jobs = cgd.jobs
     first = jobs.job_status(run)
 
     def body() -> None:
@@ -600,11 +626,17 @@ def job_panel(run, key: str, kinds: tuple[str, ...] = (), poll_s: float = 1.0) -
             with st.container(border=True):
                 c1, c2 = st.columns([5, 1], vertical_alignment="center")
                 with c1:
-                    st.markdown(f"**{s.command or 'job'}** is running on `{run.root.name}`", help=HELP["rate"])
-                    st.progress(min(max(s.progress, 0.0), 1.0), text=_progress_text(s))
+                    st.markdown(f"**{s.command or 'job'}** is running on `{run.root.name}`", help=TERMS["rate"])
+                    frac = jobs.progress_fraction(s)
+                    text = jobs.progress_text(s)
+                    if frac is None:
+                        st.progress(0.0, text=text)
+                    else:
+                        st.progress(min(max(frac, 0.0), 1.0), text=text)
                 with c2:
                     if st.button("Stop", key=f"stop_{key}", icon=":material/stop_circle:", type="secondary",
-                                 help="Ask the job to stop at its next checkpoint (SIGTERM after a few seconds)"):
+                                 help="Ask the job to stop at its next checkpoint (SIGTERM after a few seconds); "
+                                      "run it again to resume from there"):
                         with st.spinner("Stopping…"):
                             msg = jobs.stop_job(run)
                         st.toast(msg)
@@ -629,10 +661,8 @@ def job_panel(run, key: str, kinds: tuple[str, ...] = (), poll_s: float = 1.0) -
 
 def start_job(run, command: str, config: dict | None = None, label: str | None = None, **kw) -> bool:
     """Start a background job; errors (busy run, bad settings) are shown, not raised."""
-    from cgd import jobs
-
     with guard(f"Starting {label or command}"):
-        jobs.start_job(run, command, config=config, label=label, **kw)
+        cgd.jobs.start_job(run, command, config=config, label=label, **kw)
         st.session_state[f"_started_{run.root}"] = time.time()
         return True
     return False
@@ -644,19 +674,9 @@ def start_job(run, command: str, config: dict | None = None, label: str | None =
 
 def sidebar() -> None:
     """Run picker, job state and device note (drawn by app.py on every page)."""
-    from cgd.runs import list_runs
-
-    qp = st.query_params.get("run")
-    if qp and qp != st.session_state.get("_qp_run"):  # deep link: ?run=NAME (a folder under the runs root)
-        st.session_state["_qp_run"] = qp
-        try:
-            p = safe_path(qp, [runs_root()])
-            if (p / "run.json").is_file():
-                select_run(p)
-        except PathRejected as e:
-            st.toast(str(e))
+    run_from_url()
     with st.sidebar:
-        runs = list_runs(runs_root())
+        runs = run_dirs()
         paths = [str(r.root.resolve()) for r in runs]
         cur = st.session_state.get("run")
         if cur and cur not in paths and Path(cur).is_dir():
@@ -672,6 +692,7 @@ def sidebar() -> None:
             st.caption(f"No runs yet under `{display_path(runs_root())}`.")
         run = current_run()
         if run is not None and run.root.is_dir():
+            _url_run(str(run.root))
             job_badge(run)
         dev = device_facts()
         if dev.get("cuda"):

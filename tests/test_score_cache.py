@@ -1,7 +1,6 @@
 """The shared reference-score cache (cgd.score_cache): digests, keys, entries on disk, LRU, CLI."""
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time

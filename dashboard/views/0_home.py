@@ -1,0 +1,6 @@
+"""The site root: sends the visitor to the Dataset page (so /dataset is a real address too)."""
+import streamlit as st
+
+import _common as c
+
+st.switch_page(c.PAGES["dataset"])

@@ -1,0 +1,63 @@
+"""The built-in demo, end to end with every default, the way the dashboard runs it: a run created
+with the demo's settings, a scoring job (the demo's reference classifier trained first), a
+retraining job. The promise the demo makes to a new user is asserted here, so no later change of a
+default can break it silently:
+
+* the model to repair is worth repairing: CA >= 60 %, ASR >= 90 %;
+* after repair the backdoor is gone: ASR <= 5 %, and CA is not lower than before by more than 2 points;
+* the verdict names the target class, and the outcome is reported as a repair.
+
+The wall time from the first job's start to the end of retraining is printed (the issue's budget is
+6 minutes on a 2-core CPU); it is not asserted, because CI machines differ.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from cgd import demo, jobs
+from cgd.runs import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+def _wait(run: Path, timeout: float) -> jobs.JobStatus:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = jobs.job_status(run)
+        if not s.active:
+            return s
+        time.sleep(2.0)
+    raise AssertionError(f"job on {run} still running after {timeout:.0f} s:\n{jobs.tail_log(run, 40)}")
+
+
+def test_the_demo_removes_the_backdoor_with_every_default(tmp_path, monkeypatch, capsys):
+    if not demo.available():
+        pytest.skip("the demo sample assets/demo/cifar10 is absent (python scripts/make_demo.py)")
+    monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))  # the demo reference is trained, as on a first visit
+    run = tmp_path / "runs" / "demo-badnets"
+    jobs.write_config(run, {**demo.run_settings(), "subset": None, "seed": 0})
+    t0 = time.time()
+    jobs.start_job(run, "separate", label="scoring", pre=[demo.reference_command()])
+    s = _wait(run, 900)
+    assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
+    t_score = time.time() - t0
+    jobs.start_job(run, "retrain", label="retraining")
+    s = _wait(run, 900)
+    assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
+    elapsed = time.time() - t0
+    info = RunDir(run).read_run()
+    summary, verdict = info["summary"], info["verdict"]
+    before, after = summary["before"], summary["after"]
+    with capsys.disabled():
+        print(f"\ndemo flow: {elapsed:.0f} s ({t_score:.0f} s scoring incl. the reference classifier, "
+              f"{elapsed - t_score:.0f} s repair); stages "
+              + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in info["stages"].items())
+              + f"; CA {before['ca']:.1f} -> {after['ca']:.1f}, ASR {before['asr']:.1f} -> {after['asr']:.1f}")
+    assert before["ca"] >= 60.0 and before["asr"] >= 90.0, before
+    assert after["asr"] <= 5.0, (before, after)
+    assert before["ca"] - after["ca"] <= 2.0, (before, after)
+    assert summary["outcome"]["status"] == "repaired" and summary["outcome"]["label"] == "Repaired model"
+    assert verdict["poisoned"] and verdict["targets"] == [0] and verdict["family"] == "dirty-label"
