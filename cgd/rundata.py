@@ -17,8 +17,7 @@ import numpy as np
 
 from . import layout
 from .config import RunConfig
-from .data import DatasetError, ImageSet, load_splits, parse_spec, seeded_subset
-from .evaluation import BackdoorTest
+from .data import BackdoorTest, DatasetError, ImageSet, load_splits, parse_spec, seeded_subset
 from .runs import RunDir, read_json, write_json
 
 __all__ = ["RunData", "PreparedData", "prepare_dataset", "write_dataset", "load_run_data", "source_signature"]
