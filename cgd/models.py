@@ -160,13 +160,48 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, arch: str, classe
     side = {"arch": arch, "num_classes": len(classes), "classes": list(classes), "format": "cgd-checkpoint-1",
             "model_kwargs": getattr(model, "cgd_kwargs", {}), **meta}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"arch": arch, "num_classes": str(len(classes))})
-    os.replace(tmp, path)
     sc = _sidecar(path)
     tmp_sc = sc.with_name(sc.name + f".tmp{os.getpid()}")
-    tmp_sc.write_text(json.dumps(side, indent=2, default=str))
-    os.replace(tmp_sc, sc)
+    try:
+        save_file(state, str(tmp), metadata={"arch": arch, "num_classes": str(len(classes))})
+        tmp_sc.write_text(json.dumps(side, indent=2, default=str))
+        os.replace(tmp, path)
+        os.replace(tmp_sc, sc)
+    except Exception as e:  # disk full, read-only folder: one line naming the file, nothing half-written left
+        tmp.unlink(missing_ok=True)
+        tmp_sc.unlink(missing_ok=True)
+        why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else f"{e.__class__.__name__}: {e}"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({why})") from None
     return path
+
+
+# model_kwargs a sidecar may carry, per architecture: name -> check of the value (bounds the memory
+# a crafted sidecar can make build_model allocate)
+def _is_stats(v: Any) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 255 for x in v))
+
+
+MODEL_KWARGS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "preact-resnet18": {"mean": _is_stats, "std": _is_stats},
+    "small-cnn": {"mean": _is_stats, "std": _is_stats,
+                  "width": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024},
+    "tiny-cnn": {"mean": _is_stats, "std": _is_stats},
+}
+MAX_CLASSES = 100_000
+
+
+def _check_model_kwargs(path: Path, arch: str, kwargs: Any) -> dict:
+    allowed = MODEL_KWARGS.get(arch, {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{_sidecar(path)}: model_kwargs must be an object, got {type(kwargs).__name__}")
+    for k, v in kwargs.items():
+        if k not in allowed:
+            raise CheckpointError(f"{_sidecar(path)}: model_kwargs.{k} is not a setting of {arch} "
+                                  f"(expected some of: {', '.join(allowed) or 'none'})")
+        if not allowed[k](v):
+            raise CheckpointError(f"{_sidecar(path)}: model_kwargs.{k} = {v!r} is out of range for {arch}")
+    return dict(kwargs)
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
@@ -247,7 +282,19 @@ def load_checkpoint(
         if w is None:
             raise CheckpointError(f"{path}: cannot infer the class count (no linear.weight)")
         k = int(w.shape[0])
-    model = build_model(arch, k, **(meta.get("model_kwargs") or {}))
+    if not 2 <= k <= MAX_CLASSES:
+        raise CheckpointError(f"{path}: {k} classes is out of range (expected 2 to {MAX_CLASSES:,})")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    kwargs = _check_model_kwargs(path, arch, meta.get("model_kwargs") or {})
+    w = state.get("linear.weight")
+    if w is not None and w.ndim == 2 and int(w.shape[0]) != k:
+        raise CheckpointError(f"{path}: its linear layer has {int(w.shape[0])} outputs, expected {k} classes")
+    first = state.get("blocks.0.weight")
+    if "width" in kwargs and first is not None and int(first.shape[0]) != kwargs["width"]:
+        raise CheckpointError(f"{_sidecar(path)}: model_kwargs.width = {kwargs['width']} but the first convolution "
+                              f"has {int(first.shape[0])} channels")
+    model = build_model(arch, k, **kwargs)
     own = model.state_dict()
     missing = [n for n in own if n not in state]
     unexpected = [n for n in state if n not in own]

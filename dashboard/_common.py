@@ -662,7 +662,9 @@ def job_panel(run, key: str, poll_s: float = 1.0) -> Any:
 def start_job(run, command: str, config: dict | None = None, label: str | None = None, **kw) -> bool:
     """Start a background job; errors (busy run, bad settings) are shown, not raised."""
     with guard(f"Starting {label or command}"):
-        cgd.jobs.start_job(run, command, config=config, label=label, **kw)
+        # the job reads data only inside the dashboard's roots (BackdoorBench records' data_path included)
+        env = {"CGD_DATA_ROOT": str(data_root()), "CGD_RUNS_ROOT": str(runs_root()), **(kw.pop("env", None) or {})}
+        cgd.jobs.start_job(run, command, config=config, label=label, env=env, **kw)
         st.session_state[f"_started_{run.root}"] = time.time()
         return True
     return False

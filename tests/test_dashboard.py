@@ -456,3 +456,26 @@ def test_verdict_card_says_clean_on_a_clean_set_and_names_the_target_on_a_poison
     verdict = json.loads((verdict_runs["badnets-2k"] / "verdict.json").read_text())
     assert verdict["poisoned"] and verdict["targets"] == [3]
     assert not json.loads((verdict_runs["clean-run"] / "verdict.json").read_text())["poisoned"]
+
+
+def test_a_symlinked_run_folder_leading_outside_the_runs_root_is_never_offered(dash, tmp_path):
+    import _common as c
+
+    outside = tmp_path / "elsewhere" / "secret-run"
+    shutil.copytree(dash.run, outside)
+    link = dash.runs_root / "evil-link"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        names = [r.root.name for r in c.run_dirs()]
+        assert dash.run.name in names and "evil-link" not in names
+        at = _app()
+        at.query_params["run"] = "evil-link"
+        at.run()
+        assert not at.exception
+        assert "run" not in at.session_state or at.session_state["run"] != str(outside.resolve())
+        at.selectbox(key="ds_source").set_value("run").run()
+        assert not at.exception
+        pick = [s for s in at.selectbox if s.label == "Run folder"]
+        assert pick and all("evil-link" not in str(o) and "secret-run" not in str(o) for o in pick[0].options)
+    finally:
+        link.unlink()
