@@ -9,7 +9,8 @@ The modules, in the order the data flows through them:
 ``attacks``               the attack simulator (teaching, benchmarks) with ground truth
 ``rundata``               the dataset as a run sees it (RUN/data)
 ``models``, ``train``     classifiers, a device-resident trainer
-``reference``             CLIP zero-shot and classifier references
+``reference``             CLIP zero-shot and classifier references; ``clip_config``: custom CLIP
+                          architectures checked against an allowlist
 ``scoring``               the reference pass of a run, chunked and cached (``score_cache``)
 ``separation``            NLL -> rank -> flag: clean / suspect / unused (Subset codes)
 ``scores``                the per-sample scores table of a run
@@ -48,10 +49,11 @@ _API = {
     **dict.fromkeys(("guided_retrain", "guided_losses"), "retrain"),
     **dict.fromkeys(("ClipReference", "ClassifierReference", "make_reference"), "reference"),
     **dict.fromkeys(("Draft",), "drafts"),
+    **dict.fromkeys(("validate_clip_config", "check_clip_model_name", "ClipConfigError"), "clip_config"),
 }
 _MODULES = ("config", "data", "attacks", "rundata", "models", "train", "reference", "scoring", "score_cache", "separation",
             "scores", "verdict", "retrain", "repair", "export", "pipeline", "runs", "layout", "jobs", "drafts", "viz",
-            "catalog", "demo", "embedding_map", "evaluation", "device")
+            "catalog", "demo", "embedding_map", "evaluation", "device", "clip_config")
 
 __all__ = ["__version__", *_API, *_MODULES]
 

@@ -31,10 +31,10 @@ def provenance(run: RunDir) -> dict:
     """Where a run's lists come from: tool, run, dataset, thresholds, reference, seed."""
     info = run.read_run()
     cfg = info.get("config", {})
-    sep = read_json(run.path(layout.SEPARATION_JSON), {}) or {}
+    sep = run.read_separation() or {}
     sc = sep.get("config", {})
     ref = info.get("reference", {})
-    files = read_json(run.path(layout.DATA, "files.json"), None)
+    files = read_json(run.path(layout.FILES_JSON), None)
     return {"tool": f"cgd {__version__}", "created": utcnow(), "run": str(run.root),
             "dataset": info.get("dataset", {}).get("spec"), "dataset_fingerprint": info.get("dataset", {}).get("fingerprint"),
             "files_root": files.get("root") if files else None,
@@ -59,8 +59,8 @@ def export_indices(run: RunDir, out_dir: str | Path | None = None) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     df = read_scores(run)
     prov = provenance(run)
-    classes = read_json(run.path(layout.DATA, "classes.json"), []) or []
-    files_doc = read_json(run.path(layout.DATA, "files.json"), None)
+    classes = read_json(run.path(layout.CLASSES_JSON), []) or []
+    files_doc = read_json(run.path(layout.FILES_JSON), None)
     files = files_doc["files"] if files_doc and len(files_doc.get("files", [])) == len(df) else None
     names = np.array(classes + ["?"])[np.minimum(df["label"].to_numpy(), len(classes))] if classes else df["label"].astype(str).to_numpy()
     paths = {"provenance": write_json(out / "provenance.json", prov)}

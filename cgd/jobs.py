@@ -39,13 +39,16 @@ from typing import Any, Iterator, Sequence
 
 from .runs import RunDir, RunLockedError, read_json, utcnow, write_json
 
-__all__ = ["JobStatus", "progress_fraction", "progress_text", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
+__all__ = ["WEB_JOB_ENV", "JobStatus", "progress_fraction", "progress_text", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
            "LOG_NAME", "JOB_NAME", "ACTIVE_STATES"]
 
 LOG_NAME = "job.log"
 JOB_NAME = "job.json"
 START_LOCK_NAME = ".job.lock"  # held by start_job around check-and-spawn
 ACTIVE_STATES = ("starting", "running")
+# "1" in the environment of the jobs the dashboard starts: their reference may come only from the data,
+# runs and cache folders, and hub (hf-hub:) or folder (local-dir:) model names are refused (cgd.pipeline)
+WEB_JOB_ENV = "CGD_WEB_JOB"
 _CHILDREN: dict[int, subprocess.Popen] = {}  # jobs this process started: polled to reap them and read exit codes
 
 

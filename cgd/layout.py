@@ -7,7 +7,7 @@ from __future__ import annotations
 __all__ = ["RUN_JSON", "STATUS_JSON", "OVERRIDES_JSON", "SEPARATION_JSON", "VERDICT_JSON", "SCORES", "CLIP_LOGITS",
            "EMBEDDINGS", "MODEL_LOGITS", "CLIP_LOGITS_TEST", "EMBEDDINGS_TEST", "MODEL_LOGITS_TEST", "METRICS_CSV", "METRICS_BATCHES_CSV", "EMBEDDING_MAP", "DATA", "MODELS",
            "EXPORTS", "CHUNKS", "VICTIM", "REPAIRED", "STOP", "LOCK", "JOB_JSON", "JOB_LOG", "data_file", "suspicious_model",
-           "EXPORT_FILES"]
+           "EXPORT_FILES", "CLASSES_JSON", "FILES_JSON", "DATA_INFO_JSON", "PROVENANCE_JSON"]
 
 RUN_JSON = "run.json"  # config (flat view), versions, dataset facts, per-stage keys and timings, summary
 STATUS_JSON = "status.json"  # live state of the running job
@@ -34,6 +34,10 @@ STOP = "STOP"  # a stop request
 LOCK = ".lock"  # held by the process working on the run
 JOB_JSON = "job.json"  # the background job's record (cgd.jobs)
 JOB_LOG = "job.log"  # its output
+CLASSES_JSON = "data/classes.json"  # class names, in label order
+FILES_JSON = "data/files.json"  # image folders: {"root": dataset root, "files": relative path per sample}
+DATA_INFO_JSON = "data/info.json"  # what the data stage found (sizes, notes, skipped files)
+PROVENANCE_JSON = "exports/provenance.json"  # how the exports were made
 
 # files written by cgd export, in the order the pages list them: (name, what)
 EXPORT_FILES = (

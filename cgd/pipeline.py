@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import MISSING, fields
@@ -141,7 +142,7 @@ def _data_key(cfg: RunConfig, run: RunDir) -> str:
 def _stage_data(ctx: _Ctx) -> str:
     cfg, run = ctx.cfg, ctx.run
     key = _data_key(cfg, run)
-    if run.stage_done("data", key, [layout.data_file("train_x"), f"{layout.DATA}/classes.json"]):
+    if run.stage_done("data", key, [layout.data_file("train_x"), layout.CLASSES_JSON]):
         return key
     t0 = time.perf_counter()
     prepared = prepare_dataset(cfg, attack_cache=run.path("attack"))
@@ -244,19 +245,33 @@ def _stage_reference(ctx: _Ctx, data_key: str) -> str:
     return key
 
 
+def _inside_web_roots(path: str) -> bool:
+    """Whether ``path`` resolves inside CGD_DATA_ROOT, CGD_RUNS_ROOT or cgd's cache (the demo reference)."""
+    from .data import cache_dir
+
+    p = Path(path).expanduser().resolve()
+    roots = [os.environ.get("CGD_DATA_ROOT", "data"), os.environ.get("CGD_RUNS_ROOT", "runs"), str(cache_dir())]
+    return any(p.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
+
+
 def _make_reference(ctx: _Ctx, names: list[str], templates: list[str]):
     import torch
 
-    from .reference import make_reference
+    from .reference import ReferenceError, check_clip_model_name, make_reference, register_clip_config
 
     rc = ctx.cfg.reference
+    from .jobs import WEB_JOB_ENV
+
+    web = os.environ.get(WEB_JOB_ENV) == "1"
+    if web:  # a dashboard job: files only from the roots the server was given, no hub or folder names
+        for what, path in (("--clip-config", rc.clip_config), ("--checkpoint", rc.checkpoint),
+                           ("--reference", rc.target if rc.kind == "classifier" else None)):
+            if path and not _inside_web_roots(path):
+                raise ReferenceError(f"{what} {path}: outside the data folder; a dashboard job reads only there")
     if rc.clip_config:
-        try:
-            from .reference import register_clip_config
-        except ImportError:  # TEMP until the validated registration lands
-            import open_clip
-            register_clip_config = open_clip.add_model_config
         register_clip_config(rc.clip_config)
+    if rc.kind == "clip":
+        check_clip_model_name(rc.target, allow_remote_names=not web)
     torch.manual_seed(ctx.cfg.seed)  # random-weight references (tests) must not depend on which stages ran before
     return make_reference(rc.spec, names, templates, pretrained=rc.resolved_pretrained(), checkpoint=rc.checkpoint,
                           device=ctx.device, precision=ctx.cfg.precision, batch_size=rc.score_batch_size)
@@ -381,6 +396,26 @@ def _write_verdict(ctx: _Ctx, df) -> None:
     ctx.emit({"kind": "verdict", **doc})
 
 
+def _trigger_estimate(ctx: _Ctx, sub: np.ndarray) -> tuple[np.ndarray | None, int | None]:
+    """The trigger to stamp during retraining (cgd.trigger) and its target: only when the verdict
+    found poisoning with exactly one target class and enough suspects carry it; else (None, None)."""
+    from .trigger import estimate_trigger
+
+    v = ctx.run.read_verdict() or {}
+    targets = v.get("targets") or []
+    if not v.get("poisoned") or len(targets) != 1:
+        ctx.emit({"kind": "note", "message": "stamping skipped: the verdict names no single target class"})
+        return None, None
+    target = int(targets[0])
+    delta = estimate_trigger(ctx.data.train.images, ctx.data.train.labels, sub == Subset.SUSPECT, target)
+    if delta is None:
+        ctx.emit({"kind": "note", "message": f"stamping skipped: too few suspect samples labelled {target}"})
+        return None, None
+    ctx.emit({"kind": "note", "message": f"stamping the estimated trigger (target {target}) on {ctx.cfg.retrain.stamp:.0%} "
+                                         "of the clean samples of other classes"})
+    return delta, target
+
+
 def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     from .evaluation import evaluate_model
     from .models import load_checkpoint, save_checkpoint
@@ -406,11 +441,12 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     resume = state.load()
     if resume is not None:
         ctx.emit({"kind": "note", "message": f"resuming retraining after epoch {resume['epoch']}"})
+    trigger, target = _trigger_estimate(ctx, sub) if rcfg.stamp > 0 else (None, None)
     rep = ctx.reporter("retrain", rcfg.epochs, "epoch")
     header = [f"cgd retrain metrics; key {key}"]
     events = guided_retrain(model, d.train.images, d.train.labels, clean_idx, suspect_idx, run.load_array(layout.CLIP_LOGITS),
                             lambda m: evaluate_model(m, d.test.images, d.test.labels, d.bd, ctx.device, precision=cfg.precision),
-                            rcfg, ctx.device, resume=resume)
+                            rcfg, ctx.device, resume=resume, trigger=trigger, target=target)
     done = None
     for ev in events:
         if ev["kind"] == "batch":
@@ -442,7 +478,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
 def _stage_export(ctx: _Ctx, sep_key: str) -> str:
     key = _key("export", sep_key)
-    if ctx.run.stage_done("export", key, ["exports/clean_indices.json", "exports/suspect_indices.json"]):
+    if ctx.run.stage_done("export", key, [f"{layout.EXPORTS}/clean_indices.json", f"{layout.EXPORTS}/suspect_indices.json"]):
         return key
     t0 = time.perf_counter()
     export_indices(ctx.run)

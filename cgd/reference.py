@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .clip_config import ClipConfigError, check_clip_model_name, register_clip_config, validate_clip_config
 from .device import resolve_device, resolve_precision
 
 __all__ = [
@@ -36,6 +37,10 @@ __all__ = [
     "gpu_preprocess",
     "parse_reference",
     "make_reference",
+    "ClipConfigError",
+    "validate_clip_config",
+    "register_clip_config",
+    "check_clip_model_name",
 ]
 
 ProgressFn = Callable[[int, int], None]

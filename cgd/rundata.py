@@ -169,26 +169,26 @@ def write_dataset(run: RunDir, cfg: RunConfig, p: PreparedData) -> dict:
         sa(layout.data_file("bd_x"), bd.images)
         sa(layout.data_file("bd_true"), bd.true_labels)
         sa(layout.data_file("bd_target"), bd.target_labels)
-    write_json(run.path(layout.DATA, "classes.json"), train.classes)
+    write_json(run.path(layout.CLASSES_JSON), train.classes)
     info = {"name": train.name, "spec": cfg.data, "dataset_kind": p.kind, "n_train": len(train),
             "n_test": len(test) if test is not None else 0, "n_bd_test": len(bd) if bd is not None else 0,
             "image_size": list(train.image_size), "num_classes": train.num_classes, "fingerprint": train.fingerprint(),
             "has_ground_truth": train.has_ground_truth, "target": p.target, "notes": p.notes,
             "attack": train.meta.get("attack")}
     if p.files is not None:  # image files, relative to their root: the exports name them
-        write_json(run.path(layout.DATA, "files.json"), {"root": p.files_root, "files": p.files})
+        write_json(run.path(layout.FILES_JSON), {"root": p.files_root, "files": p.files})
     else:
-        run.path(layout.DATA, "files.json").unlink(missing_ok=True)
-    write_json(run.path(layout.DATA, "info.json"), info)
+        run.path(layout.FILES_JSON).unlink(missing_ok=True)
+    write_json(run.path(layout.DATA_INFO_JSON), info)
     return info
 
 
 def load_run_data(run: RunDir, mmap: bool = True) -> RunData:
     """The dataset the data stage wrote into the run folder (images memory-mapped when ``mmap``)."""
-    classes = read_json(run.path(layout.DATA, "classes.json"))
+    classes = read_json(run.path(layout.CLASSES_JSON))
     if classes is None:
         raise FileNotFoundError(f"{run.path(layout.DATA)}: no dataset in this run yet (run the data stage)")
-    info = read_json(run.path(layout.DATA, "info.json"), {}) or {}
+    info = read_json(run.path(layout.DATA_INFO_JSON), {}) or {}
 
     def opt(n: str) -> np.ndarray | None:
         return run.load_array(layout.data_file(n)) if run.has(layout.data_file(n)) else None

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 # generic array/JSON/atomic-file I/O lives in cgd.arrays; re-exported so cgd.runs.save_npy etc. keep working
+from . import layout
 from .arrays import (  # noqa: F401
     NpyWriter,
     _json_default,
@@ -66,11 +67,62 @@ class RunDir:
 
     @property
     def run_json(self) -> Path:
-        return self.path("run.json")
+        return self.path(layout.RUN_JSON)
 
     @property
     def status_json(self) -> Path:
-        return self.path("status.json")
+        return self.path(layout.STATUS_JSON)
+
+    # the artefacts, by what they hold (names from cgd.layout)
+    @property
+    def scores_path(self) -> Path:
+        return self.path(layout.SCORES)
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path(layout.EXPORTS)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path(layout.MODELS)
+
+    @property
+    def victim_path(self) -> Path:
+        return self.path(layout.VICTIM)
+
+    @property
+    def repaired_path(self) -> Path:
+        return self.path(layout.REPAIRED)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path(layout.METRICS_CSV)
+
+    def read_classes(self) -> list[str] | None:
+        """Class names written by the data stage, or None before it ran."""
+        return read_json(self.path(layout.CLASSES_JSON), None)
+
+    def read_files(self) -> dict | None:
+        """Image folders: {"root": ..., "files": [relative path per training sample]}; else None."""
+        return read_json(self.path(layout.FILES_JSON), None)
+
+    def read_data_info(self) -> dict:
+        return read_json(self.path(layout.DATA_INFO_JSON), {}) or {}
+
+    def read_provenance(self) -> dict | None:
+        """How the current exports were made (``exports/provenance.json``; older runs: inside the
+        JSON index list), or None when nothing was exported."""
+        prov = read_json(self.path(layout.PROVENANCE_JSON), None)
+        if prov is None:
+            old = read_json(self.path(layout.EXPORTS, "clean_indices.json"), None)
+            prov = old.get("provenance") if isinstance(old, dict) else None
+        return prov
+
+    def read_separation(self) -> dict | None:
+        return read_json(self.path(layout.SEPARATION_JSON), None)
+
+    def read_verdict(self) -> dict | None:
+        return read_json(self.path(layout.VERDICT_JSON), None)
 
     def exists(self) -> bool:
         return self.run_json.is_file()
@@ -132,11 +184,11 @@ class RunDir:
     # -- manual overrides ---------------------------------------------------------------------
     def read_overrides(self) -> dict[int, int]:
         """Manual subset moves {sample index: code (0 unused, 1 clean, 2 suspect)} from overrides.json."""
-        return {int(k): int(v) for k, v in (read_json(self.path("overrides.json"), {}) or {}).items()}
+        return {int(k): int(v) for k, v in (read_json(self.path(layout.OVERRIDES_JSON), {}) or {}).items()}
 
     def save_overrides(self, overrides: dict[int, int]) -> Path:
         """Write overrides.json (read by the pipeline's separate stage); an empty dict removes it."""
-        p = self.path("overrides.json")
+        p = self.path(layout.OVERRIDES_JSON)
         if not overrides:
             p.unlink(missing_ok=True)
             return p
@@ -197,7 +249,7 @@ class RunDir:
         return atomic_write_text(self.path(name), buf.getvalue())
 
     def read_metrics(self) -> list[dict]:
-        p = self.path("metrics.csv")
+        p = self.metrics_path
         if not p.is_file():
             return []
         return read_csv_rows(p)
@@ -223,7 +275,7 @@ def list_runs(root: str | os.PathLike) -> list[RunDir]:
     root = Path(root)
     if not root.is_dir():
         return []
-    runs = [RunDir(p) for p in root.iterdir() if (p / "run.json").is_file()]
+    runs = [RunDir(p) for p in root.iterdir() if (p / layout.RUN_JSON).is_file()]
     return sorted(runs, key=lambda r: r.run_json.stat().st_mtime, reverse=True)
 
 

@@ -311,7 +311,7 @@ def run_verdict(run, df=None) -> tuple[Verdict, list[str]]:
     from .separation import label_nll
 
     df = read_scores(run) if df is None else df
-    classes = read_json(run.path(layout.DATA, "classes.json"), []) or []
+    classes = run.read_classes() or []
     k = len(classes) or int(df["label"].max()) + 1
     test = None
     if all(run.has(n) for n in (layout.CLIP_LOGITS_TEST, layout.MODEL_LOGITS_TEST, layout.data_file("test_y"))):

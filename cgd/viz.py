@@ -104,16 +104,17 @@ def class_histogram(counts: np.ndarray, classes: Sequence[str], poisoned: np.nda
 # ------------------------------------------------------------------------------------------------
 
 def entropy_histograms(clip_nll: np.ndarray, model_nll: np.ndarray, groups: np.ndarray | None = None,
-                       group_order: Sequence[str] | None = None, bins: int = 60):
+                       group_order: Sequence[str] | None = None, bins: int = 60, ref: str = "CLIP"):
     """Histograms of both entropies side by side (nats), overlaid per group (e.g. ground truth).
 
     clip_nll, model_nll: (N,) float >= 0. groups: optional (N,) str labels, one overlaid histogram
-    per value (``group_order`` fixes the order and colours).
+    per value (``group_order`` fixes the order and colours). ref: the reference's name in the left
+    title ("CLIP", "reference classifier").
     """
     go = _go()
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("CLIP entropy (NLL of the given label)",
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"{ref[:1].upper()}{ref[1:]} entropy (NLL of the given label)",
                                                         "Suspicious-model entropy (NLL of the given label)"))
     clip_nll, model_nll = np.asarray(clip_nll, float), np.asarray(model_nll, float)
     if groups is None:

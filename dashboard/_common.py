@@ -59,7 +59,8 @@ TERMS = {
 def term(key: str, ref: str = "CLIP") -> str:
     """A definition from :data:`TERMS` (``{ref}`` = the run's reference name) or a setting's help text."""
     if key in TERMS:
-        return TERMS[key].format(ref=ref)
+        t = TERMS[key].format(ref=ref)
+        return t[:1].upper() + t[1:]  # "Reference classifier entropy: ..." at the start of a sentence
     return cgd.help_for(key)
 
 
@@ -339,6 +340,37 @@ def _url_run(path: str | None) -> None:
         del st.query_params["run"]
 
 
+def _run_query() -> dict | None:
+    """``{"run": NAME}`` for the selected run: links carry it, so the address always names the run."""
+    cur = st.session_state.get("run")
+    return {"run": Path(cur).name} if cur else None
+
+
+def page_link(page, label: str | None = None, icon: str | None = None, **kw):
+    """``st.page_link`` that keeps the selected run in the address (a reload after navigating stays
+    on the same page and run; Streamlit clears query parameters when switching pages)."""
+    return st.page_link(page, label=label, icon=icon, query_params=_run_query(), **kw)
+
+
+def switch_page(page) -> None:
+    """``st.switch_page`` keeping the selected run in the address."""
+    st.switch_page(page, query_params=_run_query())
+
+
+def nav_links(sections: dict) -> None:
+    """The sidebar's page list: ``{section: [st.Page, ...]}`` (hidden pages left out), drawn with
+    :func:`page_link` so every link carries the run."""
+    with st.sidebar:
+        with st.container(key="cgd_nav"):
+            for section, pages in sections.items():
+                st.caption(section)
+                for pg in pages:
+                    if getattr(pg, "_visibility", getattr(pg, "visibility", "visible")) == "hidden" or getattr(pg, "_default", False):
+                        continue
+                    page_link(pg, width="stretch")
+        st.divider()
+
+
 def run_from_url() -> None:
     """Select the run named in ``?run=NAME`` (a reload, a bookmark, a shared link)."""
     qp = st.query_params.get("run")
@@ -360,7 +392,7 @@ def require_run(need: tuple[str, ...] = (), what: str = "this page"):
     run = current_run()
     if run is None or not run.root.is_dir():
         st.info(f"No run selected. Pick a dataset first to use {what}.", icon=":material/info:")
-        st.page_link(PAGES["dataset"], label="Go to Dataset", icon=":material/dataset:")
+        page_link(PAGES["dataset"], label="Go to Dataset", icon=":material/dataset:")
         st.stop()
     missing = [n for n in need if not run.has(n)]
     if missing:
@@ -371,7 +403,7 @@ def require_run(need: tuple[str, ...] = (), what: str = "this page"):
         else:
             st.info(f"Run **{run.root.name}** has no scores yet ({', '.join(missing)} missing). Score it first.",
                     icon=":material/info:")
-        st.page_link(PAGES["score"], label="Go to Score", icon=":material/speed:")
+        page_link(PAGES["score"], label="Go to Score", icon=":material/speed:")
         st.stop()
     return run
 
@@ -419,7 +451,7 @@ def ranks(df, rank_mode: str) -> tuple[np.ndarray, np.ndarray]:
 @st.cache_data(show_spinner=False, max_entries=4)
 def _verdict(root: str, key: tuple, classes: tuple) -> dict:
     run = cgd.RunDir(root)
-    saved = cgd.read_json(run.path(cgd.layout.VERDICT_JSON), None)
+    saved = run.read_verdict()
     if saved:
         return saved
     v, names = cgd.verdict.run_verdict(run)  # a run scored before verdicts existed: judge it now
@@ -662,8 +694,10 @@ def job_panel(run, key: str, poll_s: float = 1.0) -> Any:
 def start_job(run, command: str, config: dict | None = None, label: str | None = None, **kw) -> bool:
     """Start a background job; errors (busy run, bad settings) are shown, not raised."""
     with guard(f"Starting {label or command}"):
-        # the job reads data only inside the dashboard's roots (BackdoorBench records' data_path included)
-        env = {"CGD_DATA_ROOT": str(data_root()), "CGD_RUNS_ROOT": str(runs_root()), **(kw.pop("env", None) or {})}
+        # the job reads data only inside the dashboard's roots (BackdoorBench records' data_path included) and
+        # refuses hub and local-folder model names (cgd.jobs.WEB_JOB_ENV)
+        env = {"CGD_DATA_ROOT": str(data_root()), "CGD_RUNS_ROOT": str(runs_root()), cgd.jobs.WEB_JOB_ENV: "1",
+               **(kw.pop("env", None) or {})}
         cgd.jobs.start_job(run, command, config=config, label=label, env=env, **kw)
         st.session_state[f"_started_{run.root}"] = time.time()
         return True

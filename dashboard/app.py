@@ -31,6 +31,8 @@ pages = {
         st.Page(c.PAGES["retrain"], url_path="retrain", title="Retrain", icon=":material/model_training:"),
     ],
 }
-pg = st.navigation(pages)
+pg = st.navigation(pages, position="hidden")
+c.run_from_url()  # before the links are drawn: they carry the run
+c.nav_links(pages)
 c.sidebar()
 pg.run()

@@ -55,6 +55,12 @@ def test_a_run_folder_from_81dce48_resumes_without_recomputing(old_cgd, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     old = RunDir(out).read_run()
     assert "min_batches" not in old["config"]  # really written by the old version
+    # the RunDir accessors read the old folder's artefacts (provenance inside the JSON list, then)
+    rd = RunDir(out)
+    assert rd.read_classes() and len(rd.read_classes()) == 4
+    prov = rd.read_provenance()
+    assert prov is not None and prov.get("sigma1") == 0.2
+    assert rd.read_separation()["clean"] > 0 and rd.scores_path.is_file() and rd.repaired_path.is_file()
     assert main(["run", "--out", str(out), "--quiet"]) == 0
     new = RunDir(out).read_run()
     for name, rec in old["stages"].items():

@@ -3,4 +3,4 @@ import streamlit as st
 
 import _common as c
 
-st.switch_page(c.PAGES["dataset"])
+c.switch_page(c.PAGES["dataset"])

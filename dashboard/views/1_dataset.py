@@ -248,7 +248,7 @@ if run_for_source is not None:
     st.markdown(f"Run **{run_for_source.root.name}**: `{c.display_path(run_for_source.root)}`")
     if st.button("Use this run", type="primary", icon=":material/arrow_forward:", key="ds_use_run"):
         c.select_run(run_for_source.root)
-        st.switch_page(c.PAGES["score"])
+        c.switch_page(c.PAGES["score"])
     st.stop()
 
 sub1, sub2, sub3 = st.columns([1, 1, 2])
@@ -282,4 +282,4 @@ if st.button("Create run and continue", type="primary", icon=":material/arrow_fo
         cgd.jobs.write_config(path, cfg)
         c.select_run(path)
         st.session_state["new_run_source"] = source
-        st.switch_page(c.PAGES["score"])
+        c.switch_page(c.PAGES["score"])

@@ -94,7 +94,7 @@ elif ref_kind == "clip-file":
         ccfg = checkpoint_picker("Model config", "sc_clipcfg", suffixes=(".json",))
         if ccfg:
             with c.guard("Checking the model config"):
-                cgd.reference.validate_clip_config(ccfg)
+                cgd.validate_clip_config(ccfg)
                 st.caption(f":material/check_circle: `{Path(ccfg).name}` defines the architecture **{Path(ccfg).stem}**")
     if ccfg:
         model = Path(ccfg).stem
@@ -129,8 +129,7 @@ if is_clip:
     classes = None
     kind = str(cfg.get("data", "")).split(":", 1)[0]
     with c.guard("Reading the class list"):
-        if run.has(f"{cgd.layout.DATA}/classes.json"):
-            classes = cgd.read_json(run.path(cgd.layout.DATA, "classes.json"))
+        classes = run.read_classes()
     if classes is None:
         st.caption("Class names can be edited after the first scoring (the data stage reads them).")
     else:
@@ -260,4 +259,4 @@ if stages:
                              column_config={"zero-shot accuracy %": st.column_config.NumberColumn(
                                  "accuracy %", format="%.1f", help=c.term("zero_shot", ref))})
     if run.has(cgd.layout.SCORES):
-        st.page_link(c.PAGES["inspect"], label="Next: inspect the scores", icon=":material/arrow_forward:")
+        c.page_link(c.PAGES["inspect"], label="Next: inspect the scores", icon=":material/arrow_forward:")

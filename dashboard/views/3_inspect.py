@@ -89,7 +89,7 @@ def show_selection(sel: list[int], source: str, key: str) -> None:
             gt = (" · **poisoned**" if train.poison_mask[i] else " · clean") if has_gt else ""
             st.caption(f"**#{i}** {classes[int(df['label'].iat[i])]} · {sub_names[i]}{gt}  \n{ref}: {tops[j]}  \n"
                        f"ranks: {ref} {clip_rank[i]:.2f} · model {model_rank[i]:.2f}")
-    st.page_link(c.PAGES["separate"], label=f"Move these {len(sel):,} samples by hand on the Separate page",
+    c.page_link(c.PAGES["separate"], label=f"Move these {len(sel):,} samples by hand on the Separate page",
                  icon=":material/call_split:")
 
 
@@ -99,7 +99,7 @@ order_of = {"subset": ["clean", "suspect", "unused"], "ground truth": ["clean", 
 
 with tabs[0]:
     groups, order = (truth, ["clean", "poisoned"]) if has_gt else (sub_names, ["clean", "suspect", "unused"])
-    st.plotly_chart(viz.entropy_histograms(df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), groups, order),
+    st.plotly_chart(viz.entropy_histograms(df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), groups, order, ref=ref),
                     width="stretch", key="insp_hist")
     st.caption(("Overlaid by ground truth. " if has_gt else "Overlaid by current subset. ")
                + c.term("clip_nll", ref) + " " + c.term("model_nll"))

@@ -5,7 +5,6 @@ Thresholds and moves not saved yet are kept as a draft in the run folder (cgd.dr
 reloaded tab finds them again."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -210,13 +209,10 @@ with t_table:
 st.subheader("Export", help="Index lists (0-based positions in the run's training set, plus source_index in the original "
              "dataset and, for image folders, each file's path) with their provenance beside them.")
 ex = run.path(L.EXPORTS)
-prov = None
-if (ex / "provenance.json").is_file() or (ex / "clean_indices.json").is_file():
-    try:
-        prov = (json.loads((ex / "provenance.json").read_text()) if (ex / "provenance.json").is_file()
-                else json.loads((ex / "clean_indices.json").read_text()).get("provenance", {}))
-    except (OSError, ValueError):
-        prov = None
+try:
+    prov = run.read_provenance()
+except (OSError, ValueError):
+    prov = None
 if prov is None:
     st.info("No exports yet: press **Save separation and exports** above.", icon=":material/info:")
 else:

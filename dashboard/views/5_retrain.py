@@ -22,10 +22,10 @@ busy = status.active
 if c.unsaved_separation(run):
     st.warning("The thresholds or manual moves on the Separate page are not saved: retraining uses the separation saved "
                "in the run.", icon=":material/save:")
-    st.page_link(c.PAGES["separate"], label="Save them on the Separate page", icon=":material/call_split:")
+    c.page_link(c.PAGES["separate"], label="Save them on the Separate page", icon=":material/call_split:")
 sep = {}
 try:
-    sep = cgd.read_json(run.path(L.SEPARATION_JSON), {}) or {}
+    sep = run.read_separation() or {}
 except ValueError:
     pass
 if sep:
