@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     from cgd.separation import label_nll
 
     dev = resolve_device(args.device)
-    prec = resolve_precision(args.precision, dev)
+    prec = resolve_precision(args.precision, dev, "matmul_infer")
     say = print if is_main_process() else (lambda *a, **k: None)
     images, labels, classes, data_desc = common.load_images(args.data, args.n, args.seed)
     bs = args.batch_size or (1024 if dev.type == "cuda" else 256)

@@ -168,20 +168,22 @@ def main(argv=None) -> dict:
             is_susp = np.r_[np.zeros(len(clean_idx), bool), np.ones(len(suspect_idx), bool)]
             ds = _PilDataset(images[pool], labels[pool], tf,
                              (torch.from_numpy(ref_logits[pool]), torch.from_numpy(is_susp)))
+            # one recipe for both paths: RetrainConfig's defaults (min_batches=0: both see the same images)
+            rcfg = RetrainConfig(epochs=args.epochs, max_batches=rcfg_steps, min_batches=0, batch_size=bs, precision=prec,
+                                 seed=args.seed, log_every=0)
             ref_model = fresh(3).to(dev)
-            ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            ref_opt = torch.optim.SGD(ref_model.parameters(), lr=rcfg.lr, momentum=rcfg.momentum, weight_decay=rcfg.weight_decay)
             ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=max(1, 10 * rcfg_steps))
             cgd_model = fresh(3)
-            rcfg = RetrainConfig(epochs=args.epochs, max_batches=rcfg_steps, batch_size=bs, precision=prec, seed=args.seed,
-                                 log_every=0)
             imgs_per_pass = args.epochs * len(pool)
 
-            def run_ref(ds=ds, m=ref_model, opt=ref_opt, sched=ref_sched):
+            def run_ref(ds=ds, m=ref_model, opt=ref_opt, sched=ref_sched, rcfg=rcfg):
                 m.train()
                 for _ in range(args.epochs):
                     for xb, yb, rb, sb in _loader(ds, bs, args.workers, dev, args.seed):
                         xb, yb, rb, sb = (t.to(dev, non_blocking=True) for t in (xb, yb, rb, sb))
-                        losses = guided_losses(m(xb), rb, yb, sb)
+                        losses = guided_losses(m(xb), rb, yb, sb, temperature=rcfg.temperature, alpha=rcfg.alpha,
+                                               beta=rcfg.beta, unlearn=rcfg.unlearn, unlearn_floor=rcfg.unlearn_floor)
                         opt.zero_grad(set_to_none=True)
                         losses["total"].backward()
                         opt.step()

@@ -53,7 +53,7 @@ _API = {
 }
 _MODULES = ("config", "data", "attacks", "rundata", "models", "train", "reference", "scoring", "score_cache", "separation",
             "scores", "verdict", "retrain", "repair", "export", "pipeline", "runs", "layout", "jobs", "drafts", "viz",
-            "catalog", "demo", "embedding_map", "evaluation", "device", "clip_config")
+            "catalog", "demo", "embedding_map", "evaluation", "device", "clip_config", "serve", "zero_shot_metadata")
 
 __all__ = ["__version__", *_API, *_MODULES]
 

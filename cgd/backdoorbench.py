@@ -416,24 +416,28 @@ def poisoned_train(record: Record, clean_labels: np.ndarray, num_classes: int, d
     if record.data["bd_train"] is None:
         raise DatasetError(f"{record.path}[bd_train]: the record holds no poisoned training set (the attack poisons "
                            "batches during training), so there is no training set to audit")
-    sp = poisoned_split(record.data["bd_train"], "bd_train", len(clean_labels), size, record.path, decode)
-    _check_true_labels(sp.true_labels, clean_labels[sp.rows[sp.positions]], f"{record.path}[bd_train]", clean_desc)
+    sp = _checked_split(record, "bd_train", "poisoned label", clean_labels, num_classes, decode, clean_desc, size)
+    return sp.rows, sp
+
+
+def _checked_split(record: Record, key: str, what: str, clean_labels: np.ndarray, num_classes: int, decode: Decoder,
+                   clean_desc: str, size: tuple[int, int]):
+    """The record's poisoned split ``key`` ("bd_train"/"bd_test"), its true labels checked against the
+    clean labels and its poisoned labels (``what``, for the message) against the class count."""
+    sp = poisoned_split(record.data[key], key, len(clean_labels), size, record.path, decode)
+    _check_true_labels(sp.true_labels, clean_labels[sp.rows[sp.positions]], f"{record.path}[{key}]", clean_desc)
     bd = sp.bd_labels
     if len(bd) and (bd.min() < 0 or bd.max() >= num_classes):
-        raise DatasetError(f"{record.path}[bd_train]: poisoned label {int(bd[(bd < 0) | (bd >= num_classes)][0])} "
+        raise DatasetError(f"{record.path}[{key}]: {what} {int(bd[(bd < 0) | (bd >= num_classes)][0])} "
                            f"out of range [0, {num_classes})")
-    return sp.rows, sp
+    return sp
 
 
 def backdoor_test(record: Record, clean_labels: np.ndarray, num_classes: int, decode: Decoder, clean_desc: str,
                   size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The triggered test images whose true label differs from the target: ``(images (M, H, W, 3)
     uint8, true_labels (M,), target_labels (M,))``, checked against the clean test labels (N,)."""
-    sp = poisoned_split(record.data["bd_test"], "bd_test", len(clean_labels), size, record.path, decode)
-    _check_true_labels(sp.true_labels, clean_labels[sp.rows[sp.positions]], f"{record.path}[bd_test]", clean_desc)
+    sp = _checked_split(record, "bd_test", "target label", clean_labels, num_classes, decode, clean_desc, size)
     tbd = sp.bd_labels
-    if len(tbd) and (tbd.min() < 0 or tbd.max() >= num_classes):
-        raise DatasetError(f"{record.path}[bd_test]: target label {int(tbd[(tbd < 0) | (tbd >= num_classes)][0])} "
-                           f"out of range [0, {num_classes})")
     keep = sp.true_labels != tbd
     return sp.images[keep], sp.true_labels[keep], tbd[keep]

@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
-    t.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
+    t.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32", "int8"])
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     t.add_argument("--eval", action="store_true", help="report accuracy on the test split afterwards")
     t.add_argument("--quiet", action="store_true")
@@ -378,6 +378,9 @@ STAGES_FOR = {"run": ("data", "victim", "reference", "suspicious", "separate", "
               "separate": ("separate",), "retrain": ("retrain",)}
 
 
+_PASS_THROUGH = ("cache", "dashboard")  # subcommands with their own argument parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DatasetError
     from .models import CheckpointError
@@ -385,7 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .reference import ReferenceError
     from .runs import RunLockedError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASS_THROUGH:  # their own parsers take every argument (argparse's REMAINDER
+        rest = argv[1:]                    # would hand leading --flags to the top-level parser)
+        args = argparse.Namespace(cmd=argv[0], cache_args=rest, serve_args=rest)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         if args.cmd in STAGES_FOR:
             return _cmd_pipeline(args, STAGES_FOR[args.cmd])

@@ -186,9 +186,15 @@ def bf16_faster_on_cpu(workload: str = "conv_train") -> bool:
 
 def resolve_precision(precision: str, device: torch.device, workload: str = "conv_train") -> str:
     """``"auto"`` -> ``"bf16"`` on CUDA GPUs that support it; on a CPU, ``"bf16"`` only where it was
-    measured faster than fp32 for ``workload`` (:func:`bf16_faster_on_cpu`), else ``"fp32"``."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be one of auto, bf16, fp32; got {precision!r}")
+    measured faster than fp32 for ``workload`` (:func:`bf16_faster_on_cpu`), else ``"fp32"``.
+    ``"int8"`` stays ``"int8"`` for CPU ``matmul_infer`` (CLIP scoring, see :class:`cgd.reference.
+    ClipReference`) and means ``"fp32"`` everywhere else. It is never chosen by ``"auto"``: dynamic
+    quantisation scales each batch's activations together, so a sample's scores depend (slightly) on
+    its batch-mates, which the resumable, sharded scoring must not."""
+    if precision not in ("auto", "bf16", "fp32", "int8"):
+        raise ValueError(f"precision must be one of auto, bf16, fp32, int8; got {precision!r}")
+    if precision == "int8":  # int8 exists for CPU inference of linear layers (CLIP scoring) only
+        return "int8" if device.type == "cpu" and workload == "matmul_infer" else "fp32"
     if precision != "auto":
         return precision
     if device.type == "cuda":

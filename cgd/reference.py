@@ -146,6 +146,20 @@ def build_text_classifier(model, tokenizer, classnames: Sequence[str], templates
     return F.normalize(e, dim=-1).T.contiguous()
 
 
+def quantize_image_tower(visual: torch.nn.Module) -> torch.nn.Module:
+    """``visual`` with every ``nn.Linear`` replaced by a dynamically quantised int8 one (weights int8
+    per tensor, activations quantised per batch on the fly; fbgemm/x86 kernels). On a 2-core Xeon with
+    AVX512-BF16 but no AMX, ViT-B-32's image tower ran 1.53x faster than fp32 (1.65x with the ISA
+    capped at AVX2), embeddings at cosine 0.9998 to fp32's (bench/README.md)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return quantize_dynamic(visual, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class ClipReference:
     """CLIP zero-shot scorer.
 
@@ -223,6 +237,10 @@ class ClipReference:
         self.interpolation = cfg.get("interpolation", "bicubic")
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         model = model.to(self.device).eval()
+        if self.precision == "int8":  # CPU only (resolve_precision): the image tower's linear layers in int8
+            model.visual = quantize_image_tower(model.visual)
+            if self.compile is None:
+                self.compile = False  # inductor gains nothing over fbgemm's int8 kernels here
         tokenizer = open_clip.get_tokenizer(model_name)
         self.text_classifier = build_text_classifier(model, tokenizer, self.classnames, self.templates, self.device)
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())

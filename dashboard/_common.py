@@ -18,13 +18,12 @@ import numpy as np
 import streamlit as st
 
 import cgd
-from cgd import demo as _demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 LOGO = ASSETS / "logo.svg"
 LOGO_ICON = ASSETS / "logo-icon.svg"
-DEMO_ROOT, DEMO_DATA, DEMO_SPEC = _demo.DEMO_ROOT, _demo.DEMO_DATA, _demo.DEMO_SPEC
+DEMO_ROOT, DEMO_DATA, DEMO_SPEC = cgd.demo.DEMO_ROOT, cgd.demo.DEMO_DATA, cgd.demo.DEMO_SPEC
 PAGES = {"dataset": "views/1_dataset.py", "score": "views/2_score.py", "inspect": "views/3_inspect.py",
          "separate": "views/4_separate.py", "retrain": "views/5_retrain.py"}
 
@@ -209,8 +208,7 @@ def slug(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def _advice(e: BaseException) -> str:
-    from cgd.runs import RunLockedError
-
+    RunLockedError = cgd.RunLockedError
     name = e.__class__.__name__
     if name == "ConfigError":
         return "Change the setting it names."

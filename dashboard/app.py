@@ -8,14 +8,14 @@ dashboard may read and write; CGD_CACHE holds decoded-dataset caches and the dem
 import streamlit as st
 
 import _common as c
-from cgd.serve import check_server_settings, server_settings_warnings
+import cgd
 
 st.set_page_config(page_title="cgd: backdoor audit", page_icon=str(c.LOGO_ICON), layout="wide")
-problem = check_server_settings()
+problem = cgd.serve.check_server_settings()
 if problem:
     st.error(problem, icon=":material/gpp_bad:")
     st.stop()
-for warning in server_settings_warnings():
+for warning in cgd.serve.server_settings_warnings():
     st.warning(warning, icon=":material/warning:")
 st.logo(str(c.LOGO), icon_image=str(c.LOGO_ICON), size="large")
 

@@ -139,3 +139,28 @@ def test_classifier_reference_and_spec(tmp_path):
 
     with pytest.raises(CheckpointError, match="3 classes.*5"):
         ClassifierReference(tmp_path / "r.safetensors", num_classes=5, device="cpu")
+
+
+def test_int8_scoring_on_cpu_agrees_with_fp32(tiny_clip):
+    """--precision int8 quantises the image tower's linear layers (CPU only); scores stay close to
+    fp32's, the description says int8, and training workloads read int8 as fp32."""
+    import torch
+
+    from cgd.device import resolve_precision
+    from cgd.reference import ClipReference
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    names = ["cat", "dog", "ship", "car"]
+    torch.manual_seed(0)
+    fp = ClipReference(tiny_clip, names, TEMPLATES, device="cpu", precision="fp32").score(imgs)
+    torch.manual_seed(0)
+    ref8 = ClipReference(tiny_clip, names, TEMPLATES, device="cpu", precision="int8")
+    assert any("quantized" in type(m).__module__ for m in ref8.model.visual.modules())
+    q = ref8.score(imgs)
+    assert q.info["precision"] == "int8"
+    cos = (fp.embeddings * q.embeddings).sum(1)
+    assert cos.min() > 0.99, cos.min()
+    assert resolve_precision("int8", torch.device("cpu"), "conv_train") == "fp32"
+    assert resolve_precision("int8", torch.device("cpu"), "matmul_infer") == "int8"
+    assert resolve_precision("auto", torch.device("cpu"), "matmul_infer") in ("bf16", "fp32")  # never int8 by itself

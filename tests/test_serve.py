@@ -221,3 +221,16 @@ def test_real_server_from_another_folder_listens_on_loopback_only(tmp_path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def test_cgd_dashboard_passes_its_flags_through(capsys):
+    """`cgd dashboard --port N --print-command` reaches the dashboard's own parser (argparse's
+    REMAINDER used to hand the flags to the top-level parser: 'unrecognized arguments')."""
+    from cgd.cli import main
+
+    assert main(["dashboard", "--port", "8765", "--print-command"]) == 0
+    out = capsys.readouterr().out
+    assert "--server.port=8765" in out and "--server.address=127.0.0.1" in out
+    assert main(["dashboard", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve" in capsys.readouterr().err
+    assert main(["cache", "ls"]) == 0

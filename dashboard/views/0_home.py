@@ -1,5 +1,4 @@
 """The site root: sends the visitor to the Dataset page (so /dataset is a real address too)."""
-import streamlit as st
 
 import _common as c
 

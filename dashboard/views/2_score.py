@@ -124,8 +124,7 @@ else:
 classnames = templates = None
 if is_clip:
     st.subheader("Prompts", help="CLIP compares each image with one text embedding per class: the mean over the templates.")
-    from cgd.zero_shot_metadata import default_classnames, default_templates
-
+    default_classnames, default_templates = cgd.zero_shot_metadata.default_classnames, cgd.zero_shot_metadata.default_templates
     classes = None
     kind = str(cfg.get("data", "")).split(":", 1)[0]
     with c.guard("Reading the class list"):
@@ -200,7 +199,8 @@ k1, k2, k3 = st.columns(3)
 devices = ["auto", "cpu"] + (["cuda"] if dev.get("cuda") else [])
 device = k1.selectbox("Device", devices, index=devices.index(cfg.get("device")) if cfg.get("device") in devices else 0,
                       key="sc_device", disabled=busy, help="auto: the GPU when there is one")
-precision = k2.selectbox("Precision", ["auto", "bf16", "fp32"], index=["auto", "bf16", "fp32"].index(cfg.get("precision", "auto")),
+precs = list(cgd.flat_field("precision").choices)
+precision = k2.selectbox("Precision", precs, index=precs.index(cfg.get("precision", "auto")),
                          key="sc_precision", disabled=busy, help=c.term("precision"))
 batch = k3.number_input("Scoring batch size", 8, 4096, int(cfg.get("score_batch_size", 256)), step=32, key="sc_batch",
                         disabled=busy)

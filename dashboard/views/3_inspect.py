@@ -116,8 +116,7 @@ with tabs[1]:
     show_selection(viz.selected_indices(ev.get("selection") if ev else None), "entropy map", "sel_map")
 
 with tabs[2]:
-    from cgd.embedding_map import DEFAULT_MAX_POINTS, load_embedding_map
-
+    DEFAULT_MAX_POINTS, load_embedding_map = cgd.embedding_map.DEFAULT_MAX_POINTS, cgd.embedding_map.load_embedding_map
     emap = None
     with c.guard("Reading the embedding map"):
         emap = load_embedding_map(run)
