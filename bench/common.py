@@ -32,7 +32,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def add_common_args(p) -> None:
     """Flags every benchmark takes."""
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when present)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "int8"],
                    help="cgd's precision (default auto: bf16 on CUDA and on CPUs with bf16 units)")
     p.add_argument("--n", type=int, default=None, help="images per pass")
     p.add_argument("--data", default=None,
