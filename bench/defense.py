@@ -135,11 +135,20 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
         "seconds": float(sum(v["seconds"] for v in info["stages"].values())), "wall": wall,
         **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
         "category": attacks.REGISTRY[attack].category if attack else "clean", "preset": args.preset,
+        **verdict_columns(info.get("verdict") or {}, attack), "outcome": (s.get("outcome") or {}).get("status", "-"),
     }
     row["targets"] = check_targets(row)
     if not args.keep_runs:
         shutil.rmtree(out / "chunks", ignore_errors=True)
     return row
+
+
+def verdict_columns(v: dict, attack: str | None) -> dict:
+    """The audit verdict's columns: verdict, its score, whether it named the target (class 0; '-' on a
+    clean row), the family and the estimated poison count."""
+    named = "-" if not attack else ("yes" if v.get("targets") == [0] else "no")
+    return {"verdict": "poisoned" if v.get("poisoned") else "clean", "verdict_score": float(v.get("score", float("nan"))),
+            "target_named": named, "family": v.get("family", "-"), "est_poisons": v.get("estimated_poisons", 0)}
 
 
 def check_targets(row: dict) -> str:
@@ -159,7 +168,9 @@ def check_targets(row: dict) -> str:
 
 COLS = [("dataset", "{}"), ("attack", "{}"), ("reference", "{}"), ("ca_before", "{:.2f}"), ("asr_before", "{:.2f}"),
         ("ca_after", "{:.2f}"), ("asr_after", "{:.2f}"), ("ra_after", "{:.2f}"), ("asr_clean_model", "{:.2f}"), ("ca_drop", "{:+.2f}"),
-        ("det_tpr", "{:.1f}"), ("det_fpr", "{:.1f}"), ("seconds", "{:.0f}"), ("targets", "{}")]
+        ("det_tpr", "{:.1f}"), ("det_fpr", "{:.1f}"), ("seconds", "{:.0f}"), ("verdict", "{}"), ("verdict_score", "{:.1f}"),
+        ("target_named", "{}"), ("family", "{}"), ("outcome", "{}"), ("targets", "{}")]
+TEXT_COLS = {k for k, f in COLS if f == "{}"}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -170,10 +181,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (ds, atk, ref), rs in groups.items():
         agg = {"dataset": ds, "attack": atk, "reference": ref, "n_seeds": len(rs)}
-        for k, _ in COLS[3:-1]:
+        for k in [k for k, _ in COLS[3:] if k not in TEXT_COLS]:
             v = np.array([r.get(k, float("nan")) for r in rs], float)
             agg[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
             agg[k + "_std"] = float(np.nanstd(v)) if len(rs) > 1 and np.isfinite(v).any() else 0.0
+        for k in TEXT_COLS - {"dataset", "attack", "reference", "targets"}:
+            agg[k] = "/".join(sorted({str(r.get(k, "-")) for r in rs}))  # one value, or each seed's
         agg["targets"] = check_targets({**agg, "category": rs[0].get("category")})
         out.append(agg)
     return out

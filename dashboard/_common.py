@@ -192,9 +192,7 @@ def save_upload(uploaded, subdir: str = "uploads") -> Path:
     name = "upload-" + (re.sub(r"[^A-Za-z0-9._-]", "_", Path(uploaded.name).name).lstrip(".") or "file")
     dest = data_root() / subdir / name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    from cgd.runs import atomic_write_bytes
-
-    atomic_write_bytes(dest, data)
+    cgd.runs.atomic_write_bytes(dest, data)
     return dest
 
 
@@ -236,8 +234,7 @@ def guard(action: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - shown to the user, logged for the developer
-        from cgd.runs import RunLockedError
-
+        RunLockedError = cgd.RunLockedError
         log.warning("%s failed", action, exc_info=True)
         msg = f"**{action} failed.** {e}" if not isinstance(e, RunLockedError) else f"**{action}: busy.** {e}"
         st.error(f"{msg}\n\n{_advice(e)}", icon=":material/error:")

@@ -153,3 +153,30 @@ def test_dashboard_jobs_refuse_remote_names_and_outside_files(tmp_path, monkeypa
     with pytest.raises(Exception) as e:
         run_pipeline(cfg, stages=("data", "reference"), progress_bars=False)
     assert words in str(e.value)
+
+
+def test_a_hostile_config_never_reaches_transformers(tmp_path, monkeypatch, tiny_clip):
+    """The audit's exploit: a config whose text tower names a hub tokenizer with trust_remote_code.
+    With a stand-in `transformers` installed, neither registering it nor building a reference from
+    it calls AutoTokenizer.from_pretrained."""
+    import types
+
+    calls = []
+
+    class AutoTokenizer:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            calls.append((a, k))
+            raise AssertionError("transformers was called")
+
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoTokenizer=AutoTokenizer, __version__="9"))
+    cfg = _tiny()
+    cfg["text_cfg"].update(hf_tokenizer_name="attacker/tokenizer", tokenizer_kwargs={"trust_remote_code": True})
+    path = _write(tmp_path, cfg, name="evil-clip")
+    with pytest.raises(ClipConfigError, match="hf_tokenizer_name|tokenizer_kwargs"):
+        register_clip_config(path)
+    from cgd.reference import make_reference
+
+    with pytest.raises(Exception):
+        make_reference("clip:evil-clip", ["a", "b"], ["a photo of a {}."], pretrained="none", device="cpu")
+    assert calls == []

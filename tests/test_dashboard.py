@@ -110,6 +110,21 @@ def _wait_job(run: Path, timeout: float = 240.0):
 # Path safety
 # ------------------------------------------------------------------------------------------------
 
+def test_an_upload_cannot_pose_as_a_record_or_leave_the_upload_folder(dash):
+    """Audit item 3: a `.pt` upload named attack_result.pt must not become a BackdoorBench record in
+    the data folder, and a name with a path in it stays inside uploads/."""
+    import types
+
+    import _common as c
+
+    for name in ("attack_result.pt", "../../attack_result.pt", ".hidden", "data_batch_1"):
+        up = types.SimpleNamespace(name=name, size=3, getvalue=lambda: b"abc")
+        dest = c.save_upload(up)
+        assert dest.parent == (dash.data_root / "uploads").resolve() or dest.parent == dash.data_root / "uploads"
+        assert dest.name.startswith("upload-") and dest.name != name and dest.read_bytes() == b"abc"
+    assert not list(dash.data_root.rglob("attack_result.pt"))
+
+
 def test_safe_path_stays_inside_the_roots(dash, tmp_path):
     import _common as c
 
