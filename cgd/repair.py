@@ -102,6 +102,10 @@ def _suggestions(status: str, rows: list[dict], done: dict, cfg: RetrainConfig, 
             out.append("The verdict says clean-label: the suspect samples' labels are right, and their class has few clean "
                        "samples left. Try --alpha 0.1 (a stronger pull towards the reference): on CIFAR-10 SIG it brought "
                        "ASR from 70 % to 6.1 % with CA +2.1 (bench/README.md).")
+    if status in ("backdoor_remains", "failed") and not out:
+        out.append("No setting measured so far is known to fix this case. bench/README.md lists what was tried on the "
+                   "attacks the defaults do not remove (clean-label SIG, LC and Narcissus; WaNet) and what each did. "
+                   "The Inspect page's trigger view and the suspect subset show what the model still learns.")
     if status in ("ca_lost", "failed"):
         out.append(f"Lower the learning rate (--lr {cfg.lr / 2:g}): on the defense benchmark lr 0.01 cost 1.2-4.8 CA points "
                    "where 0.003 kept CA (bench/README.md).")
