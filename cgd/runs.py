@@ -50,8 +50,8 @@ class RunLockedError(RuntimeError):
     """Another process holds the run folder."""
 
 
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def utcnow(timespec: str = "seconds") -> str:
+    return datetime.now(timezone.utc).isoformat(timespec=timespec)
 
 
 
@@ -148,7 +148,7 @@ class RunDir:
     def mark_stage(self, name: str, key: str, seconds: float, **extra: Any) -> None:
         run = self.read_run()
         run.setdefault("stages", {})[name] = {"key": key, "done": True, "seconds": round(seconds, 3),
-                                             "finished": utcnow(), **extra}
+                                             "finished": utcnow("milliseconds"), **extra}
         write_json(self.run_json, run)
 
     def invalidate_from(self, names: list[str]) -> None:
