@@ -67,6 +67,7 @@ def main(argv=None) -> int:
 
     from cgd import demo
     from cgd.pipeline import run_pipeline
+    from cgd.runs import RunDir
 
     if not demo.available():
         print("the demo sample assets/demo/cifar10 is absent", file=sys.stderr)
@@ -82,6 +83,10 @@ def main(argv=None) -> int:
         run_dir = out / "runs" / f"{attack}-s{args.seed}"
         cfg = demo.run_config(str(run_dir), attack=atk, seed=args.seed)
         for variant in [{}] + variants:
+            if variant.get("stamp") and variant:
+                v = RunDir(run_dir).read_verdict() or {}
+                if not (v.get("poisoned") and len(v.get("targets") or []) == 1):
+                    continue  # stamping needs one named target: this variant would repeat the default
             t0 = time.perf_counter()
             run_pipeline(cfg.updated(variant) if variant else cfg, progress_bars=False)
             r = row(run_dir, attack, variant, time.perf_counter() - t0)
