@@ -140,6 +140,11 @@ def print_summary(info: dict, file=sys.stdout) -> None:
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)), file=file)
     v = info.get("verdict")
+    if v and v.get("version") != _verdict_version():  # written by an older verdict: judge the scores again
+        from .runs import RunDir
+        from .verdict import current_verdict
+
+        v = current_verdict(RunDir(info["config"]["out"])) if (info.get("config") or {}).get("out") else v
     if v:
         print(f"\nverdict: {v.get('summary', '')}", file=file)
     s = info.get("summary")
@@ -376,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
 STAGES_FOR = {"run": ("data", "victim", "reference", "suspicious", "separate", "retrain", "export"),
               "score": ("data", "reference", "suspicious"),
               "separate": ("separate",), "retrain": ("retrain",)}
+
+
+def _verdict_version() -> int:
+    from .verdict import VERDICT_VERSION
+
+    return VERDICT_VERSION
 
 
 _PASS_THROUGH = ("cache", "dashboard")  # subcommands with their own argument parser

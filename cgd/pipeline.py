@@ -401,7 +401,9 @@ def _trigger_estimate(ctx: _Ctx, sub: np.ndarray) -> tuple[np.ndarray | None, in
     found poisoning with exactly one target class and enough suspects carry it; else (None, None)."""
     from .trigger import estimate_trigger
 
-    v = ctx.run.read_verdict() or {}
+    from .verdict import current_verdict
+
+    v = current_verdict(ctx.run) or {}
     targets = v.get("targets") or []
     if not v.get("poisoned") or len(targets) != 1:
         ctx.emit({"kind": "note", "message": "stamping skipped: the verdict names no single target class"})
@@ -421,6 +423,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     from .models import load_checkpoint, save_checkpoint
     from .repair import repair_outcome
     from .retrain import RetrainState, guided_retrain
+    from .verdict import current_verdict
 
     cfg, run = ctx.cfg, ctx.run
     rcfg = cfg.retrain_config()
@@ -467,7 +470,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     rep.close()
     summary = repair_outcome(state.rows, done, rcfg, clean_size=int(len(np.unique(clean_idx))),
                              clean_oversampled=int(len(clean_idx)), suspect_size=int(len(suspect_idx)),
-                             verdict=run.read_run().get("verdict"), n_bd=len(d.bd) if d.bd is not None else None)
+                             verdict=current_verdict(run), n_bd=len(d.bd) if d.bd is not None else None)
     save_checkpoint(model, run.path(layout.REPAIRED), meta["arch"], d.train.classes, repaired_from=layout.VICTIM,
                     retrain=rcfg.to_dict(), outcome=summary["outcome"])
     run.update_run(summary=summary)

@@ -35,7 +35,12 @@ import numpy as np
 
 from .separation import rank_normalise
 
-__all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics"]
+__all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run_verdict", "current_verdict",
+           "VERDICT_VERSION"]
+
+# bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
+# from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
+VERDICT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Verdict:
 
     def to_dict(self, classes: list[str] | None = None) -> dict:
         d = asdict(self)
+        d["version"] = VERDICT_VERSION
         if classes is not None:
             d["target_names"] = [classes[t] for t in self.targets if 0 <= t < len(classes)]
         d["summary"] = self.sentence(classes)
@@ -324,3 +330,24 @@ def run_verdict(run, df=None) -> tuple[Verdict, list[str]]:
         test = (label_nll(run.load_array(layout.CLIP_LOGITS_TEST), y_t), label_nll(run.load_array(layout.MODEL_LOGITS_TEST), y_t), y_t)
     v = audit_verdict(df["clip_nll"].to_numpy(), df["model_nll"].to_numpy(), df["label"].to_numpy(), k, test=test)
     return v, classes
+
+
+def current_verdict(run) -> dict | None:
+    """The run's verdict as a dict: its ``verdict.json`` when written by this version of the verdict,
+    else recomputed from the run's scores (None before the run was scored). Nothing is written."""
+    from . import layout
+    from .separation import Subset
+
+    saved = run.read_verdict()
+    if saved and saved.get("version") == VERDICT_VERSION:
+        return saved
+    if not run.has(layout.SCORES):
+        return saved
+    from .scores import read_scores
+
+    df = read_scores(run)
+    v, classes = run_verdict(run, df)
+    doc = v.to_dict(classes)
+    sub = df["subset"].to_numpy()
+    doc["tail_fraction"] = float((sub == Subset.SUSPECT).mean()) if len(sub) else 0.0
+    return doc

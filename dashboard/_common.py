@@ -446,11 +446,11 @@ def ranks(df, rank_mode: str) -> tuple[np.ndarray, np.ndarray]:
 @st.cache_data(show_spinner=False, max_entries=4)
 def _verdict(root: str, key: tuple, classes: tuple) -> dict:
     run = cgd.RunDir(root)
-    saved = run.read_verdict()
-    if saved:
-        return saved
-    v, names = cgd.verdict.run_verdict(run)  # a run scored before verdicts existed: judge it now
-    return v.to_dict(names or list(classes))
+    doc = cgd.verdict.current_verdict(run)  # recomputed for runs judged by an older verdict, or none
+    if doc is None:
+        v, names = cgd.verdict.run_verdict(run)
+        doc = v.to_dict(names or list(classes))
+    return doc
 
 
 def verdict(run, classes: list[str]) -> dict:

@@ -473,6 +473,21 @@ def test_verdict_card_says_clean_on_a_clean_set_and_names_the_target_on_a_poison
     assert not json.loads((verdict_runs["clean-run"] / "verdict.json").read_text())["poisoned"]
 
 
+def test_a_verdict_written_by_an_older_version_is_judged_again(verdict_runs, tmp_path):
+    """An old run's verdict.json (another VERDICT_VERSION) must not be shown as today's judgement."""
+    import shutil
+
+    from cgd.runs import RunDir, write_json
+    from cgd.verdict import VERDICT_VERSION, current_verdict
+
+    run = RunDir(shutil.copytree(verdict_runs["badnets-2k"], tmp_path / "old"))
+    now = current_verdict(run)
+    assert now["version"] == VERDICT_VERSION and now["targets"] == [3]
+    write_json(run.path("verdict.json"), {**now, "version": 1, "poisoned": False, "targets": [], "summary": "stale"})
+    again = current_verdict(run)
+    assert again["poisoned"] and again["targets"] == [3] and again["summary"] != "stale"
+
+
 def test_a_symlinked_run_folder_leading_outside_the_runs_root_is_never_offered(dash, tmp_path):
     import _common as c
 
