@@ -317,7 +317,6 @@ def run_verdict(run, df=None) -> tuple[Verdict, list[str]]:
     training set's NLLs from its scores table, compared with its test split's when the run has the
     test split's logits (runs scored before those were kept are judged across classes only)."""
     from . import layout
-    from .runs import read_json
     from .scores import read_scores
     from .separation import label_nll
 

@@ -1,7 +1,6 @@
 """The trigger estimate (cgd.trigger) and stamping during retraining."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
