@@ -98,6 +98,11 @@ def _suggestions(status: str, rows: list[dict], done: dict, cfg: RetrainConfig, 
         if still_falling or cfg.epochs * cfg.min_batches < 600:
             out.append(f"Retrain longer: --epochs {cfg.epochs + 5} or --min-batches {max(cfg.min_batches, 60) + 30}. On the "
                        "built-in demo, 60 batches per epoch instead of 29 brought ASR from 6.6 % to 3.5 %.")
+        if family == "clean-label" and cfg.stamp == 0:
+            out.append("The verdict says clean-label. Try --stamp 0.5: the trigger estimated from the suspect subset is "
+                       "stamped on clean samples of other classes with their own labels, so it stops predicting the "
+                       "target. On the demo's SIG it brought ASR from 87.3 % to 4.1 % (the defaults: 77.2 %), at a cost "
+                       "of 2.3 CA points (bench/README.md).")
         if family == "clean-label":
             out.append("The verdict says clean-label: the suspect samples' labels are right, and their class has few clean "
                        "samples left. Try --alpha 0.1 (a stronger pull towards the reference): on CIFAR-10 SIG it brought "

@@ -51,4 +51,4 @@ def test_a_failed_repair_says_so_and_suggests_something():
         assert o["status"] == "backdoor_remains" and not o["ok"]
         assert "repaired" not in o["label"].lower() and "backdoor still active" in o["label"]
         assert o["message"].startswith("Repair failed") and o["suggestions"]
-    assert any("--alpha 0.1" in t for t in o["suggestions"])  # the clean-label suggestion, with its measurement
+    assert any("--alpha 0.1" in t for t in o["suggestions"]) and any("--stamp 0.5" in t for t in o["suggestions"])
