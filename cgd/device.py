@@ -119,6 +119,26 @@ def _bench_workload(workload: str, dtype: torch.dtype | None, reps: int) -> floa
     return time.perf_counter() - t0
 
 
+BF16_MIN_GAIN = 0.85  # bf16 is chosen only when it takes at most this fraction of fp32's time
+
+
+def _timed_pair(workload: str, rounds: int = 5, reps: int = 6) -> tuple[float, float, float]:
+    """(fp32 s, bf16 s, median bf16/fp32 ratio) over ``rounds`` interleaved rounds of ``reps`` runs.
+
+    Interleaving makes load from other processes hit both alike: timed in two blocks, a 2-core VM
+    shared with a test run once measured bf16 1.2x *faster* where it is 1.5x slower when quiet, and
+    the demo then trained in bf16 (other figures for the same seed). The median of per-round ratios
+    ignores a round that a burst of load hit."""
+    import statistics
+
+    t32s, t16s = [], []
+    for _ in range(rounds):
+        t32s.append(_bench_workload(workload, None, reps))
+        t16s.append(_bench_workload(workload, torch.bfloat16, reps))
+    ratio = statistics.median(b / a for a, b in zip(t32s, t16s))
+    return min(t32s), min(t16s), ratio
+
+
 def _cpu_fingerprint() -> str:
     """CPU model, flags, thread count and torch version: a measured choice holds for these."""
     import hashlib
@@ -168,12 +188,11 @@ def bf16_faster_on_cpu(workload: str = "conv_train") -> bool:
         cached = {}
     if isinstance(cached, dict) and isinstance(cached.get(key), dict) and "bf16" in cached[key]:
         return bool(cached[key]["bf16"])
-    reps = 8
-    t32 = min(_bench_workload(workload, None, reps) for _ in range(2))
-    t16 = min(_bench_workload(workload, torch.bfloat16, reps) for _ in range(2))
-    faster = t16 < 0.95 * t32  # bf16 changes the numbers: take it only for a clear gain
+    t32, t16, ratio = _timed_pair(workload)
+    faster = ratio < BF16_MIN_GAIN  # bf16 changes the numbers: take it only for a clear gain
     cached = cached if isinstance(cached, dict) else {}
-    cached[key] = {"bf16": faster, "fp32_s": round(t32, 4), "bf16_s": round(t16, 4), "torch": torch.__version__}
+    cached[key] = {"bf16": faster, "fp32_s": round(t32, 4), "bf16_s": round(t16, 4), "ratio": round(ratio, 3),
+                   "torch": torch.__version__}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

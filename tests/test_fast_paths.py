@@ -164,3 +164,34 @@ def test_cpu_allocator_tuning_is_applied_once_and_can_be_turned_off(monkeypatch)
     monkeypatch.setattr(d, "_ALLOCATOR_TUNED", None)
     monkeypatch.setenv("CGD_MALLOC_TUNE", "0")
     assert d.tune_cpu_allocator() is False
+
+
+def test_bf16_choice_is_measured_interleaved_and_cached(tmp_path, monkeypatch):
+    """auto's CPU bf16 choice: interleaved rounds (load hits both alike), a clear-gain margin, one
+    measurement per machine kept in $CGD_CACHE/cpu-precision.json, and CGD_CPU_BF16 overriding it."""
+    import json
+
+    from cgd import device
+
+    monkeypatch.setenv("CGD_CACHE", str(tmp_path))
+    monkeypatch.delenv("CGD_CPU_BF16", raising=False)
+    monkeypatch.setattr(device, "bf16_fast_on_cpu", lambda: True)
+    order = []
+
+    def fake(workload, dtype, reps):  # bf16 10 % faster: below the margin, so not taken
+        order.append("bf16" if dtype is not None else "fp32")
+        return 0.9 if dtype is not None else 1.0
+
+    monkeypatch.setattr(device, "_bench_workload", fake)
+    device.bf16_faster_on_cpu.cache_clear()
+    assert device.bf16_faster_on_cpu("conv_train") is False
+    assert order[:4] == ["fp32", "bf16", "fp32", "bf16"]  # interleaved
+    rec = next(iter(json.loads((tmp_path / "cpu-precision.json").read_text()).values()))
+    assert rec["bf16"] is False and rec["ratio"] == 0.9
+    n = len(order)
+    device.bf16_faster_on_cpu.cache_clear()
+    assert device.bf16_faster_on_cpu("conv_train") is False and len(order) == n  # read back, not measured again
+    monkeypatch.setenv("CGD_CPU_BF16", "1")
+    device.bf16_faster_on_cpu.cache_clear()
+    assert device.bf16_faster_on_cpu("conv_train") is True
+    device.bf16_faster_on_cpu.cache_clear()
