@@ -140,11 +140,12 @@ def print_summary(info: dict, file=sys.stdout) -> None:
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)), file=file)
     v = info.get("verdict")
-    if v and v.get("version") != _verdict_version():  # written by an older verdict: judge the scores again
+    out = (info.get("config") or {}).get("out")
+    if v and out:  # verdict.json as written, or judged again when an older verdict wrote it
         from .runs import RunDir
         from .verdict import current_verdict
 
-        v = current_verdict(RunDir(info["config"]["out"])) if (info.get("config") or {}).get("out") else v
+        v = current_verdict(RunDir(out)) or v
     if v:
         print(f"\nverdict: {v.get('summary', '')}", file=file)
     s = info.get("summary")
@@ -381,12 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
 STAGES_FOR = {"run": ("data", "victim", "reference", "suspicious", "separate", "retrain", "export"),
               "score": ("data", "reference", "suspicious"),
               "separate": ("separate",), "retrain": ("retrain",)}
-
-
-def _verdict_version() -> int:
-    from .verdict import VERDICT_VERSION
-
-    return VERDICT_VERSION
 
 
 _PASS_THROUGH = ("cache", "dashboard")  # subcommands with their own argument parser

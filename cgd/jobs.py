@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 
 from .runs import RunDir, RunLockedError, read_json, utcnow, write_json
 
-__all__ = ["WEB_JOB_ENV", "JobStatus", "progress_fraction", "progress_text", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
+__all__ = ["WEB_JOB_ENV", "JobStatus", "wait_job", "progress_fraction", "progress_text", "start_job", "write_config", "job_status", "stop_job", "is_running", "tail_log", "cgd_command",
            "LOG_NAME", "JOB_NAME", "ACTIVE_STATES"]
 
 LOG_NAME = "job.log"
@@ -314,6 +314,18 @@ def progress_text(s: JobStatus) -> str:
     if s.eta_s is not None:
         parts.append(f"ETA {_duration(s.eta_s)}")
     return " · ".join(parts)
+
+
+def wait_job(run: str | os.PathLike | RunDir, timeout: float, poll_s: float = 1.0) -> JobStatus:
+    """Block until the run's job is no longer active; return its final status. Raises TimeoutError
+    (with the job's state and the end of its log) when it is still active after ``timeout`` seconds."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = job_status(run)
+        if not s.active:
+            return s
+        time.sleep(poll_s)
+    raise TimeoutError(f"job on {_as_run(run).root} still {job_status(run).state} after {timeout:.0f} s:\n{tail_log(run, 40)}")
 
 
 def tail_log(run: str | os.PathLike | RunDir, lines: int = 30) -> str:

@@ -385,12 +385,9 @@ def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
 
 def _write_verdict(ctx: _Ctx, df) -> None:
     """The audit verdict of the scores (cgd.verdict), into verdict.json and run.json."""
-    from .verdict import run_verdict
+    from .verdict import verdict_doc
 
-    v, classes = run_verdict(ctx.run, df)
-    doc = v.to_dict(classes)
-    sub = df["subset"].to_numpy()
-    doc["tail_fraction"] = float((sub == Subset.SUSPECT).mean()) if len(sub) else 0.0
+    doc = verdict_doc(ctx.run, df)
     write_json(ctx.run.path(layout.VERDICT_JSON), doc)
     ctx.run.update_run(verdict=doc)
     ctx.emit({"kind": "verdict", **doc})

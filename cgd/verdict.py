@@ -35,7 +35,7 @@ import numpy as np
 
 from .separation import rank_normalise
 
-__all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run_verdict", "current_verdict",
+__all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run_verdict", "current_verdict", "verdict_doc",
            "VERDICT_VERSION"]
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
@@ -335,7 +335,6 @@ def current_verdict(run) -> dict | None:
     """The run's verdict as a dict: its ``verdict.json`` when written by this version of the verdict,
     else recomputed from the run's scores (None before the run was scored). Nothing is written."""
     from . import layout
-    from .separation import Subset
 
     saved = run.read_verdict()
     if saved and saved.get("version") == VERDICT_VERSION:
@@ -344,7 +343,14 @@ def current_verdict(run) -> dict | None:
         return saved
     from .scores import read_scores
 
-    df = read_scores(run)
+    return verdict_doc(run, read_scores(run))
+
+
+def verdict_doc(run, df) -> dict:
+    """The verdict of a run's scores table ``df`` as written to verdict.json: :meth:`Verdict.to_dict`
+    with the class names, plus ``tail_fraction`` (the share the rank rule flags as suspect)."""
+    from .separation import Subset
+
     v, classes = run_verdict(run, df)
     doc = v.to_dict(classes)
     sub = df["subset"].to_numpy()

@@ -97,13 +97,7 @@ def _scores(run: Path):
 def _wait_job(run: Path, timeout: float = 240.0):
     from cgd import jobs
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        s = jobs.job_status(run)
-        if not s.active:
-            return s
-        time.sleep(1.0)
-    raise AssertionError(f"job on {run} still {jobs.job_status(run).state} after {timeout:.0f} s:\n{jobs.tail_log(run)}")
+    return jobs.wait_job(run, timeout)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ The wall time from the first job's start to the end of retraining is printed (th
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,16 +20,6 @@ from cgd import demo, jobs
 from cgd.runs import RunDir
 
 pytestmark = pytest.mark.slow
-
-
-def _wait(run: Path, timeout: float) -> jobs.JobStatus:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        s = jobs.job_status(run)
-        if not s.active:
-            return s
-        time.sleep(2.0)
-    raise AssertionError(f"job on {run} still running after {timeout:.0f} s:\n{jobs.tail_log(run, 40)}")
 
 
 def test_the_demo_removes_the_backdoor_with_every_default(tmp_path, monkeypatch, capsys):
@@ -41,11 +30,11 @@ def test_the_demo_removes_the_backdoor_with_every_default(tmp_path, monkeypatch,
     jobs.write_config(run, {**demo.run_settings(), "subset": None, "seed": 0})
     t0 = time.time()
     jobs.start_job(run, "separate", label="scoring", pre=[demo.reference_command()])
-    s = _wait(run, 900)
+    s = jobs.wait_job(run, 900, poll_s=2.0)
     assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
     t_score = time.time() - t0
     jobs.start_job(run, "retrain", label="retraining")
-    s = _wait(run, 900)
+    s = jobs.wait_job(run, 900, poll_s=2.0)
     assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
     elapsed = time.time() - t0
     info = RunDir(run).read_run()

@@ -23,13 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _wait_inactive(run: Path, timeout: float = 60.0) -> jobs.JobStatus:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        s = jobs.job_status(run)
-        if not s.active:
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"job on {run} still {jobs.job_status(run).state} after {timeout:.0f} s:\n{jobs.tail_log(run)}")
+    return jobs.wait_job(run, timeout, poll_s=0.1)
 
 
 def _dead_pid() -> int:
