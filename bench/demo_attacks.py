@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--attacks", default=",".join(ALL), help="comma-separated; 'none' = the clean row")
     ap.add_argument("--variants", default="[]", help="JSON list of flat retraining settings to try per row, after the default")
+    ap.add_argument("--skip-default", action="store_true", help="run only the --variants (the default row was measured before)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/demo-attacks")
     args = ap.parse_args(argv)
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
         atk = {} if attack == "none" else {"attack": attack, "poison_rate": 0.1, "target": 0}
         run_dir = out / "runs" / f"{attack}-s{args.seed}"
         cfg = demo.run_config(str(run_dir), attack=atk, seed=args.seed)
-        for variant in [{}] + variants:
-            if variant.get("stamp") and variant:
+        for variant in ([] if args.skip_default else [{}]) + variants:
+            if (variant.get("stamp") or variant.get("subtract_trigger")) and variant:
                 v = RunDir(run_dir).read_verdict() or {}
                 if not (v.get("poisoned") and len(v.get("targets") or []) == 1):
                     continue  # stamping needs one named target: this variant would repeat the default

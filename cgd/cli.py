@@ -40,6 +40,8 @@ def _add_run_flags(p: argparse.ArgumentParser, required: bool) -> None:
             kw["metavar"] = "FILE"
         elif f.cli == "key=value":
             kw.update(action="append", metavar=f.metavar or "KEY=VALUE")
+        elif f.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
         else:
             if f.choices:
                 kw["choices"] = list(f.choices)

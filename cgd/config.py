@@ -200,7 +200,16 @@ class RetrainConfig(_Config):
     unlearn_floor: float = opt(1e-4, "log_p only: a suspect sample stops pushing its label down once p(label) is "
                                      "below this probability (the paper: 0 = never)", lo=0.0, hi=1.0, hi_open=True, pre=0.0)
     stamp: float = opt(0.0, "share of the clean samples of other classes that get the estimated trigger (cgd.trigger) "
-                            "stamped on, with their own labels, when the verdict names a target", lo=0.0, hi=1.0, pre=0.0)
+                            "stamped on, with their own labels, when the verdict names one target (not clean-label)",
+                       lo=0.0, hi=1.0, pre=0.0)
+    stamp_clean_label: float = opt(0.5, "the share stamped instead when the verdict says clean-label (the paper: 0)",
+                                   lo=0.0, hi=1.0, pre=0.0)
+    stamp_gain: float = opt(1.0, "stamped trigger's amplitude: each stamp is scaled by a factor drawn uniformly from "
+                                 "[1, stamp_gain] (attacks such as Narcissus add a stronger trigger at test time)",
+                            lo=1.0, hi=10.0, pre=1.0)
+    subtract_trigger: bool = opt(True, "when the verdict says clean-label: train the target class's samples as clean "
+                                       "(their labels are right) with the estimated trigger subtracted, instead of "
+                                       "unlearning their labels (the paper: off)", pre=False)
     unlearn_agreeing: bool = opt(True, "unlearn the labels of suspect samples the reference agrees with too (the paper); "
                                        "off: only where the reference disagrees (clean-label poisons keep their right labels)",
                                  pre=True, cli=None)
@@ -551,7 +560,8 @@ def help_for(name: str) -> str:
 # sigma3 0).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cgd": {},
-    "paper": {"retrain": {"lr": 0.01, "unlearn_floor": 0.0, "patience": 1, "min_batches": 0, "tolerance_se": 0.0},
+    "paper": {"retrain": {"lr": 0.01, "unlearn_floor": 0.0, "patience": 1, "min_batches": 0, "tolerance_se": 0.0,
+                          "stamp_clean_label": 0.0, "subtract_trigger": False},
               "separation": {"sigma3": 0.0}},
 }
 

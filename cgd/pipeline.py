@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from .runs import Reporter, RunDir, read_json, utcnow, write_json
 from .scores import compute_scores, read_subsets, subsets, write_scores
 from .scoring import check_finite_logits, classnames_templates, score_reference
 from .separation import Subset, detection_metrics, oversample_per_class
+
+if TYPE_CHECKING:
+    from .trigger import TriggerPlan
 
 __all__ = ["RunConfig", "STAGES", "run_pipeline", "load_run_data", "scores_table", "export_indices", "RunData",
            "DEFAULT_PRETRAINED", "PipelineStopped"]
@@ -393,26 +396,15 @@ def _write_verdict(ctx: _Ctx, df) -> None:
     ctx.emit({"kind": "verdict", **doc})
 
 
-def _trigger_estimate(ctx: _Ctx, sub: np.ndarray) -> tuple[np.ndarray | None, int | None]:
-    """The trigger to stamp during retraining (cgd.trigger) and its target: only when the verdict
-    found poisoning with exactly one target class and enough suspects carry it; else (None, None)."""
-    from .trigger import estimate_trigger
-
+def _trigger_plan(ctx: _Ctx, sub: np.ndarray, rcfg) -> "TriggerPlan":
+    """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
+    from .trigger import plan_trigger_repair
     from .verdict import current_verdict
 
-    v = current_verdict(ctx.run) or {}
-    targets = v.get("targets") or []
-    if not v.get("poisoned") or len(targets) != 1:
-        ctx.emit({"kind": "note", "message": "stamping skipped: the verdict names no single target class"})
-        return None, None
-    target = int(targets[0])
-    delta = estimate_trigger(ctx.data.train.images, ctx.data.train.labels, sub == Subset.SUSPECT, target)
-    if delta is None:
-        ctx.emit({"kind": "note", "message": f"stamping skipped: too few suspect samples labelled {target}"})
-        return None, None
-    ctx.emit({"kind": "note", "message": f"stamping the estimated trigger (target {target}) on {ctx.cfg.retrain.stamp:.0%} "
-                                         "of the clean samples of other classes"})
-    return delta, target
+    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, current_verdict(ctx.run), rcfg)
+    for msg in plan.notes:
+        ctx.emit({"kind": "note", "message": msg})
+    return plan
 
 
 def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
@@ -434,6 +426,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
         raise DatasetError("retraining needs a clean test set for CA (the data stage found none)")
     sub = read_subsets(run)
+    plan = _trigger_plan(ctx, sub, rcfg)
+    sub = plan.subsets
     clean_idx = oversample_per_class(np.flatnonzero(sub == Subset.CLEAN), d.train.labels, cfg.seed)
     suspect_idx = np.flatnonzero(sub == Subset.SUSPECT)
     model, meta = load_checkpoint(run.path(layout.VICTIM), device=ctx.device)
@@ -441,12 +435,12 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     resume = state.load()
     if resume is not None:
         ctx.emit({"kind": "note", "message": f"resuming retraining after epoch {resume['epoch']}"})
-    trigger, target = _trigger_estimate(ctx, sub) if rcfg.stamp > 0 else (None, None)
     rep = ctx.reporter("retrain", rcfg.epochs, "epoch")
     header = [f"cgd retrain metrics; key {key}"]
     events = guided_retrain(model, d.train.images, d.train.labels, clean_idx, suspect_idx, run.load_array(layout.CLIP_LOGITS),
                             lambda m: evaluate_model(m, d.test.images, d.test.labels, d.bd, ctx.device, precision=cfg.precision),
-                            rcfg, ctx.device, resume=resume, trigger=trigger, target=target)
+                            plan.config, ctx.device, resume=resume, trigger=plan.trigger, target=plan.target,
+                            unstamp=plan.unstamp)
     done = None
     for ev in events:
         if ev["kind"] == "batch":

@@ -122,6 +122,7 @@ def guided_retrain(
     resume: dict | None = None,
     trigger: np.ndarray | None = None,
     target: int | None = None,
+    unstamp: np.ndarray | None = None,
 ) -> Iterator[dict]:
     """Retrain ``model`` in place; yields events (dicts with a ``kind``):
 
@@ -142,7 +143,9 @@ def guided_retrain(
 
     trigger, target: an estimated additive trigger (H, W, 3) in pixel units (:func:`cgd.trigger.estimate_trigger`)
     and the class it targets: with ``cfg.stamp > 0`` that share of the clean samples of other classes
-    gets the trigger added, labelled with their own class, so the trigger stops predicting the target.
+    gets the trigger added (scaled by a factor drawn from [1, ``cfg.stamp_gain``]), labelled with their
+    own class, so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger
+    is subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
 
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
@@ -165,7 +168,13 @@ def guided_retrain(
                   else torch.as_tensor(np.asarray(reference_logits).argmax(1) != np.asarray(labels), device=dev))
     stamping = cfg.stamp > 0 and trigger is not None and target is not None
     delta = (torch.as_tensor(np.asarray(trigger, np.float32) / 255.0).permute(2, 0, 1)[None].to(dev)
-             if stamping else None)
+             if trigger is not None else None)
+    if unstamp is not None and delta is not None and np.asarray(unstamp).any():
+        # clean-label poisons trained as clean: their estimated trigger taken off once, before any
+        # augmentation (a flipped sinusoid is the negated one), in pixel units rounded back to uint8
+        off = torch.as_tensor(np.flatnonzero(np.asarray(unstamp, bool)), device=dev)
+        x_all = x_all.clone()
+        x_all[off] = (x_all[off].float() - delta * 255.0).round_().clamp_(0, 255).to(torch.uint8)
     n = len(pool)
     steps = min(cfg.max_batches, max(cfg.min_batches, math.ceil(n / cfg.batch_size)))
     passes = math.ceil(steps * cfg.batch_size / n)  # > 1 only when min_batches asks for more than one pass
@@ -213,7 +222,8 @@ def guided_retrain(
             xb = u8_to_float(xb, cfg.channels_last)
             if stamping:  # the estimated trigger on clean samples of other classes, which keep their own labels
                 hit = (~is_susp[sel]) & (y_all[idx] != target) & (torch.rand(len(sel), device=dev, generator=gen_dev) < cfg.stamp)
-                xb = torch.where(hit[:, None, None, None], (xb + delta).clamp_(0.0, 1.0), xb)
+                gain = 1.0 + (cfg.stamp_gain - 1.0) * torch.rand(len(sel), 1, 1, 1, device=dev, generator=gen_dev)
+                xb = torch.where(hit[:, None, None, None], (xb + gain * delta).clamp_(0.0, 1.0), xb)
             with autocast(dev, prec):
                 out = model(xb)
             losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta,

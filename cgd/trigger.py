@@ -9,13 +9,23 @@ holds the target class's mean look; its smooth part is removed (a high-pass: the
 its Gaussian blur), which keeps patches, sinusoids and noise-like patterns and drops large blobs.
 
 Retraining stamps ``delta`` on clean samples of other classes, labelled with their own classes, so
-that the trigger stops predicting the target (:mod:`cgd.retrain`).
+that the trigger stops predicting the target (:mod:`cgd.retrain`). When the verdict says clean-label
+(the poisons carry their right label), the target class's samples are trained as clean with ``delta``
+subtracted, instead of having their right labels unlearnt: without them the model would learn the
+target class from nothing (every target-class image is a poison at the benchmark's rate).
+:func:`plan_trigger_repair` decides all this from the verdict and the retraining config.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-__all__ = ["estimate_trigger", "stamp"]
+if TYPE_CHECKING:
+    from .config import RetrainConfig
+
+__all__ = ["TriggerPlan", "estimate_trigger", "plan_trigger_repair", "stamp"]
 
 
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -58,3 +68,67 @@ def estimate_trigger(images: np.ndarray, labels: np.ndarray, suspect: np.ndarray
 def stamp(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """``x`` (..., H, W, 3) uint8 with ``delta`` added and clipped to [0, 255]."""
     return np.clip(np.asarray(x, np.float32) + delta, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class TriggerPlan:
+    """What retraining does with the estimated trigger.
+
+    subsets: (N,) int8 Subset codes to retrain with (target-class suspects moved to clean when
+    subtracting); config: the RetrainConfig with ``stamp`` set to the share actually stamped;
+    trigger: (H, W, 3) float32 or None; target: the class or None; unstamp: (N,) bool or None, the
+    samples whose trigger is subtracted; notes: sentences for the run log.
+    """
+
+    subsets: np.ndarray
+    config: Any
+    trigger: np.ndarray | None = None
+    target: int | None = None
+    unstamp: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndarray, verdict: dict | None,
+                        cfg: RetrainConfig) -> TriggerPlan:
+    """Decide stamping and trigger subtraction for one retraining.
+
+    images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
+    document (cgd.verdict) or None. The share stamped is ``cfg.stamp_clean_label`` when the verdict says
+    clean-label, else ``cfg.stamp``; with ``cfg.subtract_trigger`` and a clean-label verdict every
+    sample labelled with the target is trained as clean with the trigger subtracted. Both need a
+    verdict naming exactly one target and at least 10 suspects with that label; otherwise nothing
+    is done and a note says why.
+    """
+    from .separation import Subset
+
+    v = verdict or {}
+    clean_label = v.get("family") == "clean-label"
+    share = cfg.stamp_clean_label if clean_label else cfg.stamp
+    subtract = cfg.subtract_trigger and clean_label
+    plan = TriggerPlan(subsets=np.asarray(subsets), config=replace(cfg, stamp=0.0))
+    if share <= 0 and not subtract:
+        return plan
+    targets = v.get("targets") or []
+    if not v.get("poisoned") or len(targets) != 1:
+        plan.notes.append("trigger estimate skipped: the verdict names no single target class")
+        return plan
+    target = int(targets[0])
+    sub = np.asarray(subsets)
+    delta = estimate_trigger(images, labels, sub == Subset.SUSPECT, target)
+    if delta is None:
+        plan.notes.append(f"trigger estimate skipped: too few suspect samples labelled {target}")
+        return plan
+    plan.trigger, plan.target, plan.config = delta, target, replace(cfg, stamp=float(share))
+    if share > 0:
+        gain = f", scaled x1-{cfg.stamp_gain:g}" if cfg.stamp_gain > 1 else ""
+        plan.notes.append(f"stamping the estimated trigger (target {target}) on {share:.0%} of the clean samples of other "
+                          f"classes{gain}" + (" (the verdict says clean-label)" if clean_label else ""))
+    if subtract:
+        mask = np.asarray(labels) == target
+        moved = mask & (sub == Subset.SUSPECT)
+        sub = sub.copy()
+        sub[moved] = Subset.CLEAN
+        plan.subsets, plan.unstamp = sub, mask
+        plan.notes.append(f"clean-label: the {int(mask.sum())} samples labelled {target} are trained as clean with the "
+                          f"estimated trigger subtracted ({int(moved.sum())} of them moved from the suspect subset)")
+    return plan

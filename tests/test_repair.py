@@ -51,4 +51,10 @@ def test_a_failed_repair_says_so_and_suggests_something():
         assert o["status"] == "backdoor_remains" and not o["ok"]
         assert "repaired" not in o["label"].lower() and "backdoor still active" in o["label"]
         assert o["message"].startswith("Repair failed") and o["suggestions"]
-    assert any("--alpha 0.1" in t for t in o["suggestions"]) and any("--stamp 0.5" in t for t in o["suggestions"])
+    assert any("--alpha 0.1" in t for t in o["suggestions"]) and any("--stamp-gain 3" in t for t in o["suggestions"])
+    # the paper's recipe has no clean-label repair: the suggestion is to turn the defaults' one on
+    from cgd.config import apply_preset
+
+    paper = apply_preset(RetrainConfig(epochs=3, min_batches=300), "paper")
+    o = repair_outcome(rows, done, paper, 100, 120, 20, verdict={"family": "clean-label"})["outcome"]
+    assert any("--stamp-clean-label 0.5 --subtract-trigger" in t for t in o["suggestions"])

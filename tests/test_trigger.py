@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cgd.trigger import estimate_trigger, stamp
+from cgd.config import RetrainConfig
+from cgd.separation import Subset
+from cgd.trigger import estimate_trigger, plan_trigger_repair, stamp
 
 
 def _patch_set(n=2000, rate=0.1, seed=0):
@@ -67,11 +69,93 @@ def test_pipeline_stamps_when_the_verdict_names_a_target(cifar_root, tmp_path, t
                      progress_bars=False)
         return " ".join(got)
 
-    write_json(run.path("verdict.json"), {**verdict, "poisoned": True, "targets": [0]})
+    write_json(run.path("verdict.json"), {**verdict, "poisoned": True, "targets": [0], "family": "dirty-label"})
     said = notes(cfg.updated({"stamp": 0.5}))
     assert "stamping the estimated trigger (target 0)" in said
     key_stamped = run.stage_record("retrain")["key"]
     write_json(run.path("verdict.json"), {**verdict, "poisoned": False, "targets": []})
-    assert "stamping skipped" in notes(cfg.updated({"stamp": 0.3}))
+    assert "trigger estimate skipped" in notes(cfg.updated({"stamp": 0.3}))
     assert run.stage_record("retrain")["key"] != key_stamped
     assert run.repaired_path.is_file() and run.read_run()["summary"]["outcome"]["status"]
+
+
+def _verdict(family, targets=(0,), poisoned=True):
+    return {"poisoned": poisoned, "targets": list(targets), "family": family}
+
+
+def test_plan_on_a_clean_label_verdict_subtracts_and_stamps():
+    """Clean-label: every sample labelled with the target becomes clean (its label is right) with the
+    trigger subtracted, and the clean-label share is stamped; the suspects of other classes stay."""
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    other_suspect = np.flatnonzero((y != 0) & ~poison)[:30]
+    sub[other_suspect] = Subset.SUSPECT
+    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), RetrainConfig())
+    assert plan.target == 0 and plan.trigger is not None and plan.config.stamp == RetrainConfig().stamp_clean_label > 0
+    assert (plan.unstamp == (y == 0)).all()
+    assert (plan.subsets[y == 0] == Subset.CLEAN).all() and (plan.subsets[other_suspect] == Subset.SUSPECT).all()
+    assert (sub[poison] == Subset.SUSPECT).all()  # the caller's array is left as it was
+    assert any("trained as clean" in n for n in plan.notes)
+
+
+def test_plan_on_a_dirty_label_verdict_changes_nothing_by_default():
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig())
+    assert plan.trigger is None and plan.unstamp is None and plan.config.stamp == 0 and (plan.subsets == sub).all()
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(stamp=0.3))
+    assert plan.trigger is not None and plan.config.stamp == 0.3 and plan.unstamp is None
+    # the paper preset: no stamping, no subtraction, whatever the family
+    from cgd.config import apply_preset
+
+    paper = apply_preset(RetrainConfig(), "paper")
+    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), paper)
+    assert plan.trigger is None and plan.unstamp is None and (plan.subsets == sub).all()
+
+
+def test_plan_without_one_named_target_says_why():
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    for v in (_verdict("clean-label", poisoned=False), _verdict("clean-label", targets=(0, 1)), None):
+        plan = plan_trigger_repair(x, y, sub, v, RetrainConfig(stamp=0.5))
+        assert plan.trigger is None and plan.unstamp is None and plan.config.stamp == 0
+    assert "no single target" in " ".join(plan_trigger_repair(x, y, sub, _verdict("clean-label", targets=()),
+                                                              RetrainConfig()).notes)
+
+
+def test_retraining_sees_the_subtracted_and_stamped_images():
+    """guided_retrain takes the trigger off the ``unstamp`` samples (before augmentation, in pixel units)
+    and stamps it, scaled by [1, stamp_gain], on the given share of clean samples of other classes."""
+    import torch
+
+    from cgd.retrain import guided_retrain
+
+    class Seen(torch.nn.Module):  # a real linear classifier that also keeps the batches it was given
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 3)
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().float().clone())
+            return self.fc(x.flatten(1))
+
+    n = 60
+    y = np.arange(n) % 3
+    grey = np.array([128, 200, 30])  # one grey level per class, so a seen image tells its class
+    x = np.broadcast_to(grey[y][:, None, None, None], (n, 8, 8, 3)).astype(np.uint8).copy()
+    delta = np.full((8, 8, 3), 20.0, np.float32)
+    m = Seen()
+    cfg = RetrainConfig(epochs=1, min_batches=0, max_batches=4, batch_size=n, augment=False, precision="fp32",
+                        channels_last=False, stamp=0.5, stamp_gain=2.0, log_every=0)
+    ev = guided_retrain(m, x, y, np.arange(n), np.zeros(0, np.int64), np.zeros((n, 3), np.float32),
+                        lambda _: {"ca": 50.0, "asr": 0.0, "ra": 0.0}, cfg, "cpu", trigger=delta, target=0,
+                        unstamp=(y == 0))
+    list(ev)
+    px = torch.cat([b.mean(dim=(1, 2, 3)) for b in m.seen]).numpy() * 255  # each image is one grey level
+    near = lambda v: np.abs(px - v) < 0.01  # noqa: E731
+    assert near(108).sum() == n // 3 and not near(128).any()  # the target class: 128 - 20, never unsubtracted
+    for g in (200, 30):  # other classes: plain, or + 20 x a gain in [1, 2]
+        stamped = px[(px > g + 19.99) & (px < g + 40.01)]
+        assert near(g).sum() + len(stamped) == n // 3
+        assert 0 < len(stamped) < n // 3 and stamped.max() > g + 22

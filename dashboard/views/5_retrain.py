@@ -42,7 +42,8 @@ FIELDS = [("epochs", "Epochs", 1, 500), ("lr", "Learning rate", 1e-6, 1.0), ("al
           ("tolerance", "Tolerance (CA points)", 0.0, 100.0), ("tolerance_se", "Tolerance (standard errors)", 0.0, 10.0),
           ("patience", "Patience (epochs)", 1, 100), ("max_batches", "Max batches / epoch", 1, 100_000),
           ("min_batches", "Min batches / epoch", 0, 100_000), ("batch_size", "Batch size", 8, 4096),
-          ("unlearn_floor", "Unlearning floor", 0.0, 0.99)]
+          ("unlearn_floor", "Unlearning floor", 0.0, 0.99), ("stamp_clean_label", "Trigger stamp share (clean-label)", 0.0, 1.0),
+          ("stamp", "Trigger stamp share (other)", 0.0, 1.0), ("stamp_gain", "Trigger stamp gain", 1.0, 10.0)]
 hp: dict = {}
 with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
     cols = st.columns(4)
@@ -54,6 +55,9 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
         else:
             hp[name] = float(col.number_input(label, float(lo), float(hi), float(v), format="%.4g", key=f"rt_{name}",
                                               help=c.term(name), disabled=busy))
+    hp["subtract_trigger"] = st.checkbox("Clean-label: train the target class with the estimated trigger subtracted",
+                                         bool(cfg["subtract_trigger"]), key="rt_subtract_trigger",
+                                         help=c.term("subtract_trigger"), disabled=busy)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
