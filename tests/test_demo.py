@@ -70,3 +70,31 @@ def test_the_verdict_raises_no_alarm_on_the_never_poisoned_demo_sample(tmp_path,
     assert not v["poisoned"], v["summary"]
     assert v["score"] < v["threshold"] / 2, v  # clean sets score ~1: far from the alarm, not just under it
     assert RunDir(cfg.out).read_separation()["suspect"] > 0  # the tails are still there, named as such
+
+
+def test_the_demo_repairs_a_clean_label_attack_with_every_default(tmp_path, monkeypatch, capsys):
+    """SIG, the clean-label teaching attack: every target-class training image carries the sinusoid and
+    keeps its right label. With the defaults the verdict must say clean-label and name the target,
+    and retraining (target class trained with the estimated trigger subtracted, the trigger stamped
+    on other classes) must remove the backdoor without costing clean accuracy. Measured: CA 61.3 ->
+    61.4, ASR 87.3 -> 2.4 (the paper's recipe: 77.2 %, a model never poisoned: 0.6 %)."""
+    if not demo.available():
+        pytest.skip("the demo sample assets/demo/cifar10 is absent")
+    import subprocess
+
+    from cgd.pipeline import run_pipeline
+
+    monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))
+    subprocess.run(demo.reference_command(), check=True)
+    cfg = demo.run_config(str(tmp_path / "sig"), attack={"attack": "sig", "poison_rate": 0.1, "target": 0})
+    t0 = time.time()
+    info = run_pipeline(cfg, progress_bars=False)
+    summary, verdict = info["summary"], info["verdict"]
+    before, after = summary["before"], summary["after"]
+    with capsys.disabled():
+        print(f"\ndemo sig: {time.time() - t0:.0f} s; verdict {verdict['family']} (score {verdict['score']:.1f}); "
+              f"CA {before['ca']:.1f} -> {after['ca']:.1f}, ASR {before['asr']:.1f} -> {after['asr']:.1f}")
+    assert verdict["poisoned"] and verdict["targets"] == [0] and verdict["family"] == "clean-label", verdict
+    assert before["asr"] >= 70.0, before
+    assert after["asr"] <= 5.0 and before["ca"] - after["ca"] <= 1.5, (before, after)
+    assert summary["outcome"]["status"] == "repaired", summary["outcome"]
