@@ -40,7 +40,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 2
+VERDICT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,12 @@ class VerdictConfig:
     """tail: the rank tail that counts as 'very' unlikely / fast (fraction of the set).
     threshold: robust z at which a class counts as poisoned. quadrant_max: the share of the whole
     set in the contradiction quadrant above which the set counts as poisoned (all-to-all).
-    min_class: classes with fewer samples are not judged on their own."""
+    min_class: classes with fewer samples are not judged on their own.
+
+    The reference's disagreement alone (no class-share shift, no fast learning) never raises the alarm:
+    relabelling adds samples to the target class, and a class whose training samples the reference
+    rejects without that is what a reference failing on the class gives (GTSRB, never poisoned: a
+    flip-trained reference calls 70 of 89 "keep left" training signs "keep right", z 5.1)."""
 
     tail: float = 0.1
     threshold: float = 5.0
@@ -81,6 +86,7 @@ class Verdict:
     evidence: dict = field(default_factory=dict)
     quadrant_share: float = 0.0
     tail_fraction: float | None = None
+    caveat: str = ""
 
     def to_dict(self, classes: list[str] | None = None) -> dict:
         d = asdict(self)
@@ -95,7 +101,7 @@ class Verdict:
         name = (lambda k: f"{k} ({classes[k]})") if classes else str
         if not self.poisoned:
             return (f"No sign of poisoning: no class holds an unusual share of suspicious samples (largest score "
-                    f"{self.score:.1f}, alarm at {self.threshold:.1f}).")
+                    f"{self.score:.1f}, alarm at {self.threshold:.1f}).") + (f" {self.caveat}" if self.caveat else "")
         fam = {"dirty-label": "dirty-label (the reference disagrees with the poisoned samples' labels)",
                "clean-label": "clean-label (the labels look right, but the models learn these samples unusually fast)",
                "undetermined": "of undetermined kind"}.get(self.family, self.family)
@@ -249,6 +255,12 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
     else:
         family, est = "undetermined", 0
+    if family == "undetermined" and best == "disagreement":
+        return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share, caveat=(
+            f"Class {target}: the reference finds its training samples unlikely far more often than its test samples "
+            f"(z {score:.1f}), but the class holds no more of the training set than of the test set and the models do "
+            "not learn these samples fast; that is what a reference failing on this class gives, so it is not counted "
+            "as poisoning. Check the class on the Inspect page."))
     return Verdict(True, score, cfg.threshold, [target], "all-to-one", family, est, evidence, quad_share)
 
 

@@ -1,0 +1,75 @@
+"""The audit verdict (cgd.verdict.audit_verdict) on synthetic scores with a known story: a clean set,
+a reference that fails one class of the training split only, dirty-label poisons learnt fast, warped
+dirty-label poisons learnt slowly, and clean-label poisons learnt fast."""
+from __future__ import annotations
+
+import numpy as np
+
+from cgd.verdict import VerdictConfig, audit_verdict
+
+K, PER_TRAIN, PER_TEST = 10, 500, 100
+
+
+def _scores(seed: int = 0):
+    """Clean scores: reference and model NLLs (nats) drawn alike for both splits, with labels."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(K), PER_TRAIN)
+    y_t = np.repeat(np.arange(K), PER_TEST)
+    cn, mn = rng.exponential(1.0, len(y)), rng.exponential(1.0, len(y))
+    cn_t, mn_t = rng.exponential(1.0, len(y_t)), rng.exponential(1.0, len(y_t))
+    return cn, mn, y, (cn_t, mn_t, y_t), rng
+
+
+def _relabel(y, rng, n, target=0):
+    """``n`` samples of other classes given the target's label (a dirty-label attack); their indices."""
+    idx = rng.choice(np.flatnonzero(y != target), n, replace=False)
+    y = y.copy()
+    y[idx] = target
+    return y, idx
+
+
+def test_a_clean_set_raises_no_alarm():
+    cn, mn, y, test, _ = _scores()
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert not v.poisoned and v.score < VerdictConfig().threshold and not v.caveat
+
+
+def test_a_reference_failing_one_training_class_is_not_called_poisoning():
+    """The reference finds 70 % of class 7's training samples unlikely, none of its test samples (what a
+    flip-trained reference did to GTSRB's "keep left" signs): no relabelling, no fast learning, so no alarm,
+    but the verdict says what it saw."""
+    cn, mn, y, test, rng = _scores()
+    seven = np.flatnonzero(y == 7)
+    hit = rng.choice(seven, int(0.7 * len(seven)), replace=False)
+    cn[hit] += 6.0
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.evidence["disagreement"]["class"] == 7 and v.evidence["disagreement"]["z"] >= VerdictConfig().threshold
+    assert not v.poisoned and "Class 7" in v.caveat and "Class 7" in v.sentence()
+
+
+def test_dirty_label_poisons_learnt_fast_are_found_with_their_target():
+    cn, mn, y, test, rng = _scores()
+    y, idx = _relabel(y, rng, 300)
+    cn[idx] += 6.0  # the reference sees their true class
+    mn[idx] = rng.exponential(0.01, len(idx))  # the trigger is learnt fast
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.targets == [0] and v.family == "dirty-label" and v.mode == "all-to-one"
+
+
+def test_dirty_label_poisons_learnt_slowly_still_raise_the_alarm():
+    """WaNet-like: relabelled samples the reference disagrees with, learnt no faster than others. The
+    disagreement comes with the class-share shift relabelling leaves, so it counts."""
+    cn, mn, y, test, rng = _scores()
+    y, idx = _relabel(y, rng, 300)
+    cn[idx] += 6.0
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.targets == [0] and v.family == "dirty-label" and not v.caveat
+
+
+def test_clean_label_poisons_are_named_as_such():
+    cn, mn, y, test, rng = _scores()
+    zero = np.flatnonzero(y == 0)
+    hit = rng.choice(zero, int(0.6 * len(zero)), replace=False)
+    mn[hit] = rng.exponential(0.01, len(hit))  # right labels, a trigger learnt fast
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.targets == [0] and v.family == "clean-label"
