@@ -14,6 +14,11 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
   unlikely than its test samples (dirty-label poisons that the models do not learn fast: warping).
 * ``fast_learning`` -- how much more often the models learnt the class's training samples very
   fast than they fit its test samples (clean-label poisons: right labels, a trigger learnt fast).
+* ``fit_shift`` -- within the class, how much better the models fit its training samples than its
+  test samples, over the whole distribution (Mann-Whitney AUC of the two NLL samples against the
+  median class): poisons in a hard class are learnt better than its test samples without reaching
+  the set's fastest tail (SIG on half of the demo's cats: z 4.1 here, 1.3 on the tail statistics;
+  clean-label rows score 6.5-24 against 5.6-10.6 before; never-poisoned sets at most 2.5).
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.0-1.2 on the defense
@@ -40,7 +45,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 3
+VERDICT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,37 @@ def _excess_z(tr: dict, te: dict, key: str, ok: np.ndarray) -> tuple[np.ndarray,
     return e, z
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` (N,), tied values sharing the average of their ranks."""
+    order = np.argsort(x, kind="stable")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    r = np.empty(len(x))
+    r[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return r
+
+
+def _fit_shift_z(mn: np.ndarray, y: np.ndarray, mn_t: np.ndarray, y_t: np.ndarray, k: int, ok: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (K,): the AUC P(test NLL > training NLL) of the suspicious models' NLLs (ties count
+    half), and its z against the median class: (AUC - median) / sqrt(SE^2 + (1.4826 MAD)^2), with the
+    Mann-Whitney SE sqrt((n + m + 1) / (12 n m)). The median absorbs the train/test gap every class
+    shares (models fit what they trained on); -inf where not ``ok``."""
+    auc = np.full(k, np.nan)
+    se = np.full(k, np.inf)
+    for c in np.flatnonzero(ok):
+        a, b = mn[y == c], mn_t[y_t == c]
+        r = _average_ranks(np.concatenate([a, b]))
+        u = r[len(a):].sum() - len(b) * (len(b) + 1) / 2  # test samples ranked above training ones
+        auc[c] = u / (len(a) * len(b))
+        se[c] = np.sqrt((len(a) + len(b) + 1) / (12.0 * len(a) * len(b)))
+    z = np.full(k, -np.inf)
+    if ok.sum() >= 3:
+        med = float(np.median(auc[ok]))
+        spread = 1.4826 * float(np.median(np.abs(auc[ok] - med)))
+        z[ok] = (auc[ok] - med) / np.sqrt(se[ok] ** 2 + spread ** 2)
+    return auc, z
+
+
 def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
     """Within each class: do the samples the reference finds unlikely tend to be the ones the models
     learnt fast? z of the observed count of both against its hypergeometric expectation
@@ -227,14 +263,18 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     tr = _split_stats(cn, mn, y, num_classes, ref_cut, float(np.quantile(mn, cfg.tail)))
     te = _split_stats(cn_t, mn_t, y_t, num_classes, ref_cut, float(np.quantile(mn_t, cfg.tail)))
     ok = (tr["n"] >= cfg.min_class) & (te["n"] >= 5)
+    auc, z_fit = _fit_shift_z(mn, y, mn_t, y_t, num_classes, ok)
     z = {"contradiction": _association_z(tr, ok), "disagreement": _excess_z(tr, te, "disagreement", ok)[1],
-         "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1]}
+         "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1], "fit_shift": z_fit}
     extra, z_share = _share_z(tr, te)
     evidence = {}
     for key, zk in z.items():
         c = int(np.argmax(zk))
-        evidence[key] = {"class": c, "z": float(zk[c]) if np.isfinite(zk[c]) else float("nan"),
-                         "rate": float(tr[key][c] / max(tr["n"][c], 1)), "test_rate": float(te[key][c] / max(te["n"][c], 1))}
+        evidence[key] = {"class": c, "z": float(zk[c]) if np.isfinite(zk[c]) else float("nan")}
+        if key == "fit_shift":  # the class's AUC and the median class's
+            evidence[key].update(auc=float(auc[c]), median_auc=float(np.nanmedian(auc[ok])) if ok.any() else float("nan"))
+        else:
+            evidence[key].update(rate=float(tr[key][c] / max(tr["n"][c], 1)), test_rate=float(te[key][c] / max(te["n"][c], 1)))
     best = max(z, key=lambda k: np.max(z[k]))
     score = float(np.max(z[best])) if np.isfinite(np.max(z[best])) else 0.0
     quad_share = float(tr["contradiction"].sum() / max(tr["n"].sum(), 1))
@@ -250,7 +290,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     evidence["class_share"] = {"class": target, "z": float(z_share[target]), "extra_samples": float(extra[target])}
     if z_share[target] >= 3.0:  # the target class holds relabelled samples of other classes
         family, est = "dirty-label", int(round(max(0.0, float(extra[target]))))
-    elif z["fast_learning"][target] >= cfg.threshold / 2:
+    elif max(z["fast_learning"][target], z["fit_shift"][target]) >= cfg.threshold / 2:
         family = "clean-label"
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
     else:

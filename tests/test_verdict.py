@@ -73,3 +73,20 @@ def test_clean_label_poisons_are_named_as_such():
     mn[hit] = rng.exponential(0.01, len(hit))  # right labels, a trigger learnt fast
     v = audit_verdict(cn, mn, y, K, test=test)
     assert v.poisoned and v.targets == [0] and v.family == "clean-label"
+
+
+def test_clean_label_poisons_in_a_hard_class_are_found_by_the_fit_shift():
+    """Half of a hard class poisoned: its poisons are learnt better than the class's test samples but
+    rarely reach the set's fastest tail, so the tail statistics stay quiet and the within-class
+    comparison of the two NLL distributions (fit_shift) finds it."""
+    cn, mn, y, test, rng = _scores()
+    cn_t, mn_t, y_t = test
+    mn[y == 3] = rng.exponential(4.0, (y == 3).sum())  # a hard class, on both splits
+    mn_t[y_t == 3] = rng.exponential(4.0, (y_t == 3).sum())
+    three = np.flatnonzero(y == 3)
+    hit = rng.choice(three, len(three) // 2, replace=False)
+    mn[hit] = rng.exponential(0.4, len(hit))
+    v = audit_verdict(cn, mn, y, K, test=(cn_t, mn_t, y_t))
+    assert v.evidence["fast_learning"]["z"] < VerdictConfig().threshold
+    assert v.evidence["fit_shift"]["class"] == 3 and v.evidence["fit_shift"]["z"] >= VerdictConfig().threshold
+    assert v.poisoned and v.targets == [3] and v.family == "clean-label"
