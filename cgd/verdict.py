@@ -21,7 +21,7 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
   clean-label rows score 6.5-24 against 5.6-10.6 before; never-poisoned sets at most 2.5).
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
-it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.0-1.2 on the defense
+it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
 benchmark and the demo, poisoned ones 5.6-26.5; see bench/README.md). Several hot classes make the
 attack all-to-all; otherwise the class with the largest z is the target. The family follows from
 the class shares of the two splits: a target class holding more of the training set than of the
