@@ -30,11 +30,11 @@ def test_the_demo_removes_the_backdoor_with_every_default(tmp_path, monkeypatch,
     jobs.write_config(run, {**demo.run_settings(), "subset": None, "seed": 0})
     t0 = time.time()
     jobs.start_job(run, "separate", label="scoring", pre=[demo.reference_command()])
-    s = jobs.wait_job(run, 900, poll_s=2.0)
+    s = jobs.wait_job(run, 1800, poll_s=2.0)
     assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
     t_score = time.time() - t0
     jobs.start_job(run, "retrain", label="retraining")
-    s = jobs.wait_job(run, 900, poll_s=2.0)
+    s = jobs.wait_job(run, 1800, poll_s=2.0)
     assert s.state == "done", (s.state, s.error, jobs.tail_log(run, 40))
     elapsed = time.time() - t0
     info = RunDir(run).read_run()
