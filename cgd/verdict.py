@@ -45,7 +45,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 4
+VERDICT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -163,18 +163,20 @@ def _split_stats(clip_nll: np.ndarray, model_nll: np.ndarray, y: np.ndarray, k: 
             "contradiction": count(unlikely & fast)}
 
 
-def _excess_z(tr: dict, te: dict, key: str, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _excess_z(tr: dict, te: dict, key: str, ok: np.ndarray, centred: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(rate on the training split - rate on the test split per class, its z-score): the excess over
     the binomial standard error of both rates combined with the classes' spread of excesses
-    (1.4826 x MAD), which absorbs a shift that every class shares."""
+    (1.4826 x MAD). ``centred``: the excess over the median class's excess instead of over 0, so a
+    shift every class shares (one class's poisons filling the set's unlikely tail) counts for none."""
     n_tr, n_te = np.maximum(tr["n"], 1), np.maximum(te["n"], 1)
     e = tr[key] / n_tr - te[key] / n_te
     pooled = (tr[key] + te[key] + 0.5) / (n_tr + n_te + 1.0)
     se = np.sqrt(pooled * (1 - pooled) * (1 / n_tr + 1 / n_te))
     z = np.full(len(e), -np.inf)
     if ok.sum() >= 3:
-        spread = 1.4826 * float(np.median(np.abs(e[ok] - np.median(e[ok]))))
-        z[ok] = e[ok] / np.sqrt(se[ok] ** 2 + spread ** 2)
+        med = float(np.median(e[ok]))
+        spread = 1.4826 * float(np.median(np.abs(e[ok] - med)))
+        z[ok] = (e[ok] - (med if centred else 0.0)) / np.sqrt(se[ok] ** 2 + spread ** 2)
     return e, z
 
 
@@ -280,7 +282,10 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     quad_share = float(tr["contradiction"].sum() / max(tr["n"].sum(), 1))
     if score < cfg.threshold:
         return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share)
-    dirty_z = np.maximum(z["contradiction"], z["disagreement"])
+    # classes with dirty-label evidence of their own; the disagreement is taken over the median class's, since
+    # one class's poisons filling the set's unlikely tail raise every class's rate a little (CIFAR-10 LC: 4 classes
+    # at z 2.5-2.9, an all-to-one attack read as all-to-all)
+    dirty_z = np.maximum(z["contradiction"], _excess_z(tr, te, "disagreement", ok, centred=True)[1])
     hot = np.flatnonzero(dirty_z >= cfg.threshold / 2)
     if len(hot) > max(2, num_classes // 3):  # poisons under many labels: all-to-all
         est = int(round(max(0.0, float(tr["contradiction"][hot].sum() - (tr["disagreement"] * tr["fast_learning"]

@@ -90,3 +90,29 @@ def test_clean_label_poisons_in_a_hard_class_are_found_by_the_fit_shift():
     assert v.evidence["fast_learning"]["z"] < VerdictConfig().threshold
     assert v.evidence["fit_shift"]["class"] == 3 and v.evidence["fit_shift"]["z"] >= VerdictConfig().threshold
     assert v.poisoned and v.targets == [3] and v.family == "clean-label"
+
+
+def test_all_to_all_needs_dirty_label_evidence_in_many_classes_of_their_own():
+    """All-to-all: every class receives relabelled samples of the previous class, learnt fast. An
+    all-to-one attack whose poisons fill the set's unlikely tail (LC on CIFAR-10 raised every class's
+    rate a little) stays all-to-one."""
+    cn, mn, y, test, rng = _scores()
+    idx = rng.choice(len(y), 600, replace=False)
+    y = y.copy()
+    y[idx] = (y[idx] + 1) % K
+    cn[idx] += 6.0
+    mn[idx] = rng.exponential(0.01, len(idx))
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.mode == "all-to-all" and v.targets == []
+
+    # CIFAR-10 LC's shape: 1,000 training and 500 test images per class, a third of class 0's poisons far in
+    # the reference's unlikely tail, and a reference a little surer of the test split in every class
+    rng = np.random.default_rng(1)
+    y, y_t = np.repeat(np.arange(K), 1000), np.repeat(np.arange(K), 500)
+    cn, mn = rng.exponential(1.0, len(y)), rng.exponential(1.0, len(y))
+    cn_t, mn_t = 0.8 * rng.exponential(1.0, len(y_t)), rng.exponential(1.0, len(y_t))
+    zero = np.flatnonzero(y == 0)
+    cn[zero[:300]] += 8.0
+    mn[zero] = rng.exponential(0.01, len(zero))
+    v = audit_verdict(cn, mn, y, K, test=(cn_t, mn_t, y_t))
+    assert v.poisoned and v.mode == "all-to-one" and v.targets == [0] and v.family == "clean-label"
