@@ -416,7 +416,12 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
     cfg, run = ctx.cfg, ctx.run
     rcfg = cfg.retrain_config()
-    key = _key("retrain", sep_key, victim_key, _config_key(rcfg.to_dict()))
+    parts = [sep_key, victim_key, _config_key(rcfg.to_dict())]
+    if rcfg.stamp > 0 or rcfg.stamp_clean_label > 0 or rcfg.subtract_trigger:
+        # the trigger plan follows the verdict, which a newer verdict version may change without any score changing
+        v = current_verdict(run) or {}
+        parts.append({k: v.get(k) for k in ("poisoned", "targets", "family")})
+    key = _key("retrain", *parts)
     if run.stage_done("retrain", key, [layout.REPAIRED, layout.METRICS_CSV]):
         return key
     t0 = time.perf_counter()

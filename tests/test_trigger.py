@@ -73,6 +73,10 @@ def test_pipeline_stamps_when_the_verdict_names_a_target(cifar_root, tmp_path, t
     said = notes(cfg.updated({"stamp": 0.5}))
     assert "stamping the estimated trigger (target 0)" in said
     key_stamped = run.stage_record("retrain")["key"]
+    # the same settings under a verdict that now says clean-label: the retraining is redone, not reused
+    write_json(run.path("verdict.json"), {**verdict, "poisoned": True, "targets": [0], "family": "clean-label"})
+    assert "trained as clean with the estimated trigger subtracted" in notes(cfg.updated({"stamp": 0.5}))
+    assert run.stage_record("retrain")["key"] != key_stamped
     write_json(run.path("verdict.json"), {**verdict, "poisoned": False, "targets": []})
     assert "trigger estimate skipped" in notes(cfg.updated({"stamp": 0.3}))
     assert run.stage_record("retrain")["key"] != key_stamped
