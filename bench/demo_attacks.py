@@ -35,7 +35,7 @@ def _r(x, nd=2):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
-def row(run_dir: Path, attack: str, variant: dict, seconds: float) -> dict:
+def row(run_dir: Path, attack: str, variant: dict, seconds: float, target: int = 0) -> dict:
     from cgd.runs import RunDir
 
     run = RunDir(run_dir)
@@ -45,7 +45,7 @@ def row(run_dir: Path, attack: str, variant: dict, seconds: float) -> dict:
     det = (run.read_separation() or {}).get("detection") or {}
     before, after = s.get("before") or {}, s.get("after") or {}
     return {"attack": attack, "variant": variant, "verdict": "poisoned" if v.get("poisoned") else "clean",
-            "verdict_score": _r(v.get("score"), 1), "targets": v.get("targets"), "target_named": (v.get("targets") == [0])
+            "verdict_score": _r(v.get("score"), 1), "targets": v.get("targets"), "target_named": (v.get("targets") == [target])
             if attack != "none" else None, "family": v.get("family"), "mode": v.get("mode"),
             "estimated_poisons": v.get("estimated_poisons"), "true_poisons": det.get("n_poison"),
             "det_tpr": _r(100 * det["suspect"]["tpr"], 1) if det.get("suspect") else None,
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="[]", help="JSON list of flat retraining settings to try per row, after the default")
     ap.add_argument("--skip-default", action="store_true", help="run only the --variants (the default row was measured before)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned (default 0.1)")
+    ap.add_argument("--target", type=int, default=0, help="the attack's target class (default 0)")
     ap.add_argument("--out", default="bench/results/demo-attacks")
     args = ap.parse_args(argv)
     import subprocess
@@ -80,8 +82,9 @@ def main(argv=None) -> int:
     rows_path = out / "rows.jsonl"
     variants = json.loads(args.variants)
     for attack in [a.strip() for a in args.attacks.split(",") if a.strip()]:
-        atk = {} if attack == "none" else {"attack": attack, "poison_rate": 0.1, "target": 0}
-        run_dir = out / "runs" / f"{attack}-s{args.seed}"
+        atk = {} if attack == "none" else {"attack": attack, "poison_rate": args.poison_rate, "target": args.target}
+        other = "" if (args.poison_rate, args.target) == (0.1, 0) or attack == "none" else f"-r{args.poison_rate:g}-t{args.target}"
+        run_dir = out / "runs" / f"{attack}{other}-s{args.seed}"
         cfg = demo.run_config(str(run_dir), attack=atk, seed=args.seed)
         for variant in ([] if args.skip_default else [{}]) + variants:
             if (variant.get("stamp") or variant.get("subtract_trigger")) and variant:
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
                     continue  # stamping needs one named target: this variant would repeat the default
             t0 = time.perf_counter()
             run_pipeline(cfg.updated(variant) if variant else cfg, progress_bars=False)
-            r = row(run_dir, attack, variant, time.perf_counter() - t0)
+            r = row(run_dir, attack, variant, time.perf_counter() - t0, args.target)
             with open(rows_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
