@@ -396,12 +396,11 @@ def _write_verdict(ctx: _Ctx, df) -> None:
     ctx.emit({"kind": "verdict", **doc})
 
 
-def _trigger_plan(ctx: _Ctx, sub: np.ndarray, rcfg) -> "TriggerPlan":
+def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "TriggerPlan":
     """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
     from .trigger import plan_trigger_repair
-    from .verdict import current_verdict
 
-    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, current_verdict(ctx.run), rcfg)
+    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg)
     for msg in plan.notes:
         ctx.emit({"kind": "note", "message": msg})
     return plan
@@ -412,15 +411,16 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     from .models import load_checkpoint, save_checkpoint
     from .repair import repair_outcome
     from .retrain import RetrainState, guided_retrain
+    from .trigger import plan_uses_verdict
     from .verdict import current_verdict
 
     cfg, run = ctx.cfg, ctx.run
     rcfg = cfg.retrain_config()
+    verdict = current_verdict(run)
     parts = [sep_key, victim_key, _config_key(rcfg.to_dict())]
-    if rcfg.stamp > 0 or rcfg.stamp_clean_label > 0 or rcfg.subtract_trigger:
+    if plan_uses_verdict(rcfg):
         # the trigger plan follows the verdict, which a newer verdict version may change without any score changing
-        v = current_verdict(run) or {}
-        parts.append({k: v.get(k) for k in ("poisoned", "targets", "family")})
+        parts.append({k: (verdict or {}).get(k) for k in ("poisoned", "targets", "family")})
     key = _key("retrain", *parts)
     if run.stage_done("retrain", key, [layout.REPAIRED, layout.METRICS_CSV]):
         return key
@@ -431,7 +431,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
         raise DatasetError("retraining needs a clean test set for CA (the data stage found none)")
     sub = read_subsets(run)
-    plan = _trigger_plan(ctx, sub, rcfg)
+    plan = _trigger_plan(ctx, sub, verdict, rcfg)
     sub = plan.subsets
     clean_idx = oversample_per_class(np.flatnonzero(sub == Subset.CLEAN), d.train.labels, cfg.seed)
     suspect_idx = np.flatnonzero(sub == Subset.SUSPECT)
@@ -466,7 +466,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     rep.close()
     summary = repair_outcome(state.rows, done, rcfg, clean_size=int(len(np.unique(clean_idx))),
                              clean_oversampled=int(len(clean_idx)), suspect_size=int(len(suspect_idx)),
-                             verdict=current_verdict(run), n_bd=len(d.bd) if d.bd is not None else None)
+                             verdict=verdict, n_bd=len(d.bd) if d.bd is not None else None)
     save_checkpoint(model, run.path(layout.REPAIRED), meta["arch"], d.train.classes, repaired_from=layout.VICTIM,
                     retrain=rcfg.to_dict(), outcome=summary["outcome"])
     run.update_run(summary=summary)

@@ -25,7 +25,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .config import RetrainConfig
 
-__all__ = ["TriggerPlan", "estimate_trigger", "plan_trigger_repair", "stamp"]
+__all__ = ["TriggerPlan", "estimate_trigger", "plan_trigger_repair", "plan_uses_verdict", "stamp"]
 
 
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -86,6 +86,11 @@ class TriggerPlan:
     target: int | None = None
     unstamp: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def plan_uses_verdict(cfg: RetrainConfig) -> bool:
+    """Whether :func:`plan_trigger_repair` can do anything under ``cfg`` (then its result follows the verdict)."""
+    return cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger
 
 
 def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndarray, verdict: dict | None,
