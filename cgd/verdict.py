@@ -172,12 +172,18 @@ def _excess_z(tr: dict, te: dict, key: str, ok: np.ndarray, centred: bool = Fals
     e = tr[key] / n_tr - te[key] / n_te
     pooled = (tr[key] + te[key] + 0.5) / (n_tr + n_te + 1.0)
     se = np.sqrt(pooled * (1 - pooled) * (1 / n_tr + 1 / n_te))
-    z = np.full(len(e), -np.inf)
+    return e, _spread_z(e, se, ok, centred)
+
+
+def _spread_z(x: np.ndarray, se: np.ndarray, ok: np.ndarray, centred: bool) -> np.ndarray:
+    """Per class (K,): ``x`` (minus the median class's when ``centred``) over sqrt(se^2 + (1.4826 MAD)^2),
+    the sampling error combined with the classes' spread; -inf where not ``ok`` or fewer than 3 are."""
+    z = np.full(len(x), -np.inf)
     if ok.sum() >= 3:
-        med = float(np.median(e[ok]))
-        spread = 1.4826 * float(np.median(np.abs(e[ok] - med)))
-        z[ok] = (e[ok] - (med if centred else 0.0)) / np.sqrt(se[ok] ** 2 + spread ** 2)
-    return e, z
+        med = float(np.median(x[ok]))
+        spread = 1.4826 * float(np.median(np.abs(x[ok] - med)))
+        z[ok] = (x[ok] - (med if centred else 0.0)) / np.sqrt(se[ok] ** 2 + spread ** 2)
+    return z
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -203,12 +209,7 @@ def _fit_shift_z(mn: np.ndarray, y: np.ndarray, mn_t: np.ndarray, y_t: np.ndarra
         u = r[len(a):].sum() - len(b) * (len(b) + 1) / 2  # test samples ranked above training ones
         auc[c] = u / (len(a) * len(b))
         se[c] = np.sqrt((len(a) + len(b) + 1) / (12.0 * len(a) * len(b)))
-    z = np.full(k, -np.inf)
-    if ok.sum() >= 3:
-        med = float(np.median(auc[ok]))
-        spread = 1.4826 * float(np.median(np.abs(auc[ok] - med)))
-        z[ok] = (auc[ok] - med) / np.sqrt(se[ok] ** 2 + spread ** 2)
-    return auc, z
+    return auc, _spread_z(auc, se, ok, centred=True)
 
 
 def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
