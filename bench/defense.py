@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cgd import attacks  # noqa: E402
+from cgd import attacks, layout  # noqa: E402
 from cgd.pipeline import RunConfig, run_pipeline  # noqa: E402
 
 SHARED = Path(os.environ.get("CGD_SHARED_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -59,14 +59,16 @@ def dataset_spec(name: str) -> str:
     raise SystemExit(f"unknown dataset {name!r}; expected cifar10 or gtsrb")
 
 
-def trusted_reference(spec: str, arch: str, epochs: int, seed: int, device: str, out_dir: Path) -> Path:
+def trusted_reference(spec: str, arch: str, epochs: int, seed: int, device: str, out_dir: Path, flip: str = "auto") -> Path:
     """Train (once, cached) a classifier on a seeded half of the test split: the offline reference."""
-    ckpt = out_dir / f"reference-{spec.split(':')[0]}-{Path(spec.split(':', 1)[1]).name}-{arch}-e{epochs}-s{seed}.safetensors"
+    ckpt = out_dir / (f"reference-{spec.split(':')[0]}-{Path(spec.split(':', 1)[1]).name}-{arch}-e{epochs}-s{seed}"
+                      f"-flip-{flip}.safetensors")
     if not ckpt.exists():
         from cgd.cli import main
 
         rc = main(["train", "--data", spec, "--split", "test", "--trusted-fraction", "0.5", "--arch", arch,
-                   "--epochs", str(epochs), "--seed", str(seed), "--device", device, "--out", str(ckpt), "--eval", "--quiet"])
+                   "--epochs", str(epochs), "--seed", str(seed), "--device", device, "--flip", flip, "--out", str(ckpt),
+                   "--eval", "--quiet"])
         if rc != 0:
             raise SystemExit(f"training the reference on {spec} failed")
     return ckpt
@@ -97,6 +99,11 @@ def natural_asr(clean_run: Path, attack_run: Path, device: str) -> float:
     return float(evaluate_model(model, d.test.images, d.test.labels, d.bd, device)["asr"])
 
 
+# the retraining settings a preset decides (cgd.config.PRESETS), passed to every row
+_PRESET_FIELDS = ("lr", "unlearn", "unlearn_floor", "patience", "min_batches", "tolerance_se", "stamp",
+                  "stamp_clean_label", "stamp_gain", "subtract_trigger")
+
+
 def _preset(args):
     from cgd.retrain import PRESETS
 
@@ -112,9 +119,8 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
                     sigma1=args.sigma1, sigma2=args.sigma2, rank_mode=args.rank_mode, sigma3=_sigma3(args),
-                    epochs=args.epochs, max_batches=args.max_batches, lr=_preset(args).lr, unlearn=_preset(args).unlearn,
-                    unlearn_floor=_preset(args).unlearn_floor, patience=_preset(args).patience,
-                    min_batches=_preset(args).min_batches, tolerance_se=_preset(args).tolerance_se)
+                    epochs=args.epochs, max_batches=args.max_batches, flip=args.flip,
+                    **{k: getattr(_preset(args), k) for k in _PRESET_FIELDS})
     t0 = time.perf_counter()
     info = run_pipeline(cfg, progress_bars=False)
     wall = time.perf_counter() - t0
@@ -135,6 +141,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
         "seconds": float(sum(v["seconds"] for v in info["stages"].values())), "wall": wall,
         **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
         "category": attacks.REGISTRY[attack].category if attack else "clean", "preset": args.preset,
+        "flip": "on" if cfg.flips(json.loads((out / layout.CLASSES_JSON).read_text())) else "off",
         **verdict_columns(info.get("verdict") or {}, attack), "outcome": (s.get("outcome") or {}).get("status", "-"),
     }
     row["targets"] = check_targets(row)
@@ -272,6 +279,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
                    help="recipe: cgd (lr 0.003, unlearning floor 1e-4, patience 2, sigma3 0.1) or paper (lr 0.01, no floor, patience 1, sigma3 0); the other stages are shared, so a "
                         "second run with the other preset and the same --out retrains only")
+    p.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+                   help="random horizontal flips in every training (auto: off where classes mirror each other, GTSRB)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-batches", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="a few-minute smoke version")
@@ -301,7 +310,7 @@ def main(argv=None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             if args.reference == "classifier":
                 ckpt = trusted_reference(dataset_spec(ds), args.arch if args.arch == "small-cnn" else "preact-resnet18",
-                                         args.reference_epochs, seed, args.device, Path(args.reference_dir or out))
+                                         args.reference_epochs, seed, args.device, Path(args.reference_dir or out), args.flip)
                 ref_spec = f"classifier:{ckpt}"
             else:
                 ref_spec = args.reference

@@ -227,8 +227,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         s = s.subset(idx)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, s.num_classes)
+    from .train import resolve_flip
+
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, optimizer="adam", schedule="cosine", seed=args.seed,
-                      precision=args.precision or "auto")
+                      precision=args.precision or "auto", flip=resolve_flip(args.flip, s.classes))
     report = None
     if args.progress_run:  # a job's setup step: show its progress in that run's status
         from .runs import Reporter, RunDir
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32", "int8"])
+    t.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+                   help="random horizontal flips: auto = on unless class names come in left/right pairs (GTSRB)")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     t.add_argument("--eval", action="store_true", help="report accuracy on the test split afterwards")
     t.add_argument("--quiet", action="store_true")

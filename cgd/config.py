@@ -222,6 +222,7 @@ class RetrainConfig(_Config):
                                        "off: only where the reference disagrees (clean-label poisons keep their right labels)",
                                  pre=True, cli=None)
     augment: bool = opt(True, "random crop + flip on retraining batches", cli=None)
+    flip: bool = opt(True, "random horizontal flips in the augmentation (the run's --flip decides)", pre=True, cli=None)
     precision: str = opt("auto", "compute precision", choices=("auto", "bf16", "fp32", "int8"), cli=None)
     channels_last: bool = opt(True, "channels_last memory layout", cli=None)
     seed: int = opt(0, "seed of the batch order and augmentation", cli=None)
@@ -243,6 +244,7 @@ class TrainConfig(_Config):
     momentum: float = opt(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True)
     schedule: str = opt("none", "learning-rate schedule (per step)", choices=("none", "cosine"))
     augment: bool = opt(True, "random crop + flip")
+    flip: bool = opt(True, "random horizontal flips in the augmentation (off for classes that mirror each other)")
     precision: str = opt("auto", "compute precision", choices=("auto", "bf16", "fp32", "int8"))
     channels_last: bool = opt(True, "channels_last memory layout")
     max_batches: int | None = opt(None, "batches per epoch at most", lo=1)
@@ -366,6 +368,10 @@ class RunConfig(_Config):
     model: str | None = opt(None, "checkpoint of the model to repair (default: train one on the data)")
     arch: str = opt("preact-resnet18", "architecture of the trained model to repair and of the suspicious models",
                     choices=tuple(ARCHITECTURES))
+    flip: str = opt("auto", "random horizontal flips when training the model to repair, the suspicious models and the "
+                            "repaired model: auto = on, except where class names come in left/right pairs (GTSRB's "
+                            "keep left / keep right), which a flip turns into each other", choices=("auto", "on", "off"),
+                    pre="on")
     reference: ReferenceConfig = section(ReferenceConfig, "", "reference")
     victim: TrainConfig = section(lambda: TrainConfig(epochs=20, lr=1e-3, schedule="cosine"), "train_",
                                   "the model to repair, when trained", expose=("epochs", "lr", "batch_size"),
@@ -423,18 +429,24 @@ class RunConfig(_Config):
             raise ConfigError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
 
     # -- what each stage runs with ----------------------------------------------------------------
-    def retrain_config(self) -> RetrainConfig:
-        return replace(self.retrain, seed=self.seed, precision=self.precision)
+    def flips(self, classes: list[str] | tuple[str, ...]) -> bool:
+        """Whether training on a set with these class names augments with horizontal flips (``flip``)."""
+        from .train import resolve_flip
+
+        return resolve_flip(self.flip, classes)
+
+    def retrain_config(self, flip: bool = True) -> RetrainConfig:
+        return replace(self.retrain, seed=self.seed, precision=self.precision, flip=flip)
 
     def separation_config(self) -> SeparationConfig:
         return self.separation
 
-    def victim_config(self) -> TrainConfig:
-        return replace(self.victim, seed=self.seed, precision=self.precision)
+    def victim_config(self, flip: bool = True) -> TrainConfig:
+        return replace(self.victim, seed=self.seed, precision=self.precision, flip=flip)
 
-    def suspicious_config(self, run_index: int) -> TrainConfig:
+    def suspicious_config(self, run_index: int, flip: bool = True) -> TrainConfig:
         """The recipe of suspicious model ``run_index`` (seeded apart from the others)."""
-        return replace(self.suspicious.train, seed=self.seed * 1000 + 100 + run_index, precision=self.precision)
+        return replace(self.suspicious.train, seed=self.seed * 1000 + 100 + run_index, precision=self.precision, flip=flip)
 
     def resolved_pretrained(self) -> str | None:
         return self.reference.resolved_pretrained()

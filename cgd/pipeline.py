@@ -122,6 +122,27 @@ class _Ctx:
     def forget_data(self) -> None:
         self._data = self._data_mm = None
 
+    @property
+    def flip(self) -> bool:
+        """Whether training stages augment with horizontal flips (the run's ``flip`` on its class names);
+        the first call that finds them turned off by ``auto`` says why in a note."""
+        from .train import mirror_pairs
+
+        classes = read_json(self.run.path(layout.CLASSES_JSON), []) or []
+        on = self.cfg.flips(classes)
+        if not on and self.cfg.flip == "auto" and not getattr(self, "_flip_said", False):
+            self._flip_said = True
+            pairs = mirror_pairs(classes)
+            shown = "; ".join(f"{classes[i]!r} / {classes[j]!r}" for i, j in pairs[:2])
+            more = f" and {len(pairs) - 2} more pairs" if len(pairs) > 2 else ""
+            self.emit({"kind": "note", "message": f"training without horizontal flips: a flip turns one class into "
+                                                  f"another ({shown}{more}); --flip on flips anyway"})
+        return on
+
+    def flip_key(self) -> tuple:
+        """The stage-key part for flips: empty when flipping (the behaviour from before the option)."""
+        return () if self.flip else (("flip", False),)
+
     def reporter(self, stage: str, total: int, unit: str = "img") -> Reporter:
         return Reporter(self.run, stage, total, unit, bar=self.bars)
 
@@ -165,9 +186,10 @@ def _stage_victim(ctx: _Ctx, data_key: str) -> str:
     from .train import train_classifier
 
     cfg, run = ctx.cfg, ctx.run
-    vc = cfg.victim_config()
+    vc = cfg.victim_config(flip=ctx.flip)
     key = _key("victim", data_key, cfg.model and _file_sig(cfg.model), cfg.arch, vc.epochs, vc.lr, cfg.seed,
-               None if cfg.model else cfg.precision, *((("train_batch_size", vc.batch_size),) if vc.batch_size != 256 else ()))
+               None if cfg.model else cfg.precision, *((("train_batch_size", vc.batch_size),) if vc.batch_size != 256 else ()),
+               *(() if cfg.model else ctx.flip_key()))
     if run.stage_done("victim", key, [layout.VICTIM]):
         return key
     t0 = time.perf_counter()
@@ -306,7 +328,7 @@ def _stage_suspicious(ctx: _Ctx, data_key: str, victim_key: str | None) -> str:
 
     cfg, run, sc = ctx.cfg, ctx.run, ctx.cfg.suspicious
     key = _key("suspicious", data_key, sc.mode, victim_key if sc.mode == "victim" else None, cfg.arch, sc.runs,
-               sc.train.epochs, cfg.seed, cfg.precision)
+               sc.train.epochs, cfg.seed, cfg.precision, *(() if sc.mode == "victim" else ctx.flip_key()))
     if run.stage_done("suspicious", key, [layout.MODEL_LOGITS]):
         return key
     t0 = time.perf_counter()
@@ -342,7 +364,7 @@ def _suspicious_model(ctx: _Ctx, i: int, key: str):
     if path.exists() and (read_json(path.with_suffix(".json"), {}) or {}).get("key") == key:
         return load_checkpoint(path, device=ctx.device)[0]
     ctx.check_stop()
-    tc = cfg.suspicious_config(i)
+    tc = cfg.suspicious_config(i, flip=ctx.flip)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.arch, d.train.num_classes)
     rep = ctx.reporter(f"suspicious {i + 1}/{cfg.suspicious.runs}", tc.epochs, "epoch")
@@ -415,7 +437,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     from .verdict import current_verdict
 
     cfg, run = ctx.cfg, ctx.run
-    rcfg = cfg.retrain_config()
+    rcfg = cfg.retrain_config(flip=ctx.flip)
     verdict = current_verdict(run)
     parts = [sep_key, victim_key, _config_key(rcfg.to_dict())]
     if plan_uses_verdict(rcfg):

@@ -218,7 +218,7 @@ def guided_retrain(
             idx = pool[sel]
             xb = x_all[idx]
             if cfg.augment:
-                xb = augment_batch(xb, gen_dev)
+                xb = augment_batch(xb, gen_dev, flip=cfg.flip)
             xb = u8_to_float(xb, cfg.channels_last)
             if stamping:  # the estimated trigger on clean samples of other classes, which keep their own labels
                 hit = (~is_susp[sel]) & (y_all[idx] != target) & (torch.rand(len(sel), device=dev, generator=gen_dev) < cfg.stamp)

@@ -13,6 +13,7 @@ averaged across ranks and the epoch statistics are summed over them.
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Callable, Iterator
 
@@ -28,6 +29,9 @@ __all__ = [
     "TrainConfig",
     "to_device_u8",
     "augment_batch",
+    "mirror_pairs",
+    "resolve_flip",
+    "FLIP_CHOICES",
     "u8_to_float",
     "iterate_batches",
     "train_classifier",
@@ -46,6 +50,41 @@ def to_device_u8(images: np.ndarray | torch.Tensor, device: torch.device) -> tor
     if t.shape[-1] == 3:
         t = t.permute(0, 3, 1, 2)
     return t.to(device, non_blocking=True).contiguous()
+
+
+FLIP_CHOICES = ("auto", "on", "off")
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_pairs(classes: list[str] | tuple[str, ...]) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)`` of classes whose names differ only by "left" <-> "right" (i < j).
+
+    A horizontal flip turns an image of one such class into an image of the other (GTSRB's "keep
+    left" / "keep right", "turn left ahead" / "turn right ahead"), so flipping as augmentation
+    teaches the model to confuse them.
+    """
+    index = {c.strip().lower(): i for i, c in enumerate(classes)}
+    pairs = set()
+    for i, c in enumerate(classes):
+        name = c.strip().lower()
+        if not _LEFT_RIGHT.search(name):
+            continue
+        mirrored = _LEFT_RIGHT.sub(lambda m: "right" if m.group(1).lower() == "left" else "left", name)
+        j = index.get(mirrored)
+        if j is not None and j != i:
+            pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)
+
+
+def resolve_flip(setting: str, classes: list[str] | tuple[str, ...]) -> bool:
+    """Whether training augments with random horizontal flips: ``"on"`` / ``"off"`` as said;
+    ``"auto"``: on unless some classes are mirror images of each other (:func:`mirror_pairs`)."""
+    if setting not in FLIP_CHOICES:
+        raise ValueError(f"flip: expected one of {', '.join(FLIP_CHOICES)}, got {setting!r}")
+    if setting == "auto":
+        return not mirror_pairs(classes)
+    return setting == "on"
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4, flip: bool = True) -> torch.Tensor:
@@ -154,7 +193,7 @@ def train_classifier(
                 bidx = bidx[lo:hi]
             xb = x_all[bidx]
             if cfg.augment:
-                xb = augment_batch(xb, gen_dev)
+                xb = augment_batch(xb, gen_dev, flip=cfg.flip)
             xb = u8_to_float(xb, cfg.channels_last)
             yb = y_all[bidx]
             with autocast(dev, prec):
