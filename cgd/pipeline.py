@@ -133,8 +133,8 @@ class _Ctx:
         if not on and self.cfg.flip == "auto" and not getattr(self, "_flip_said", False):
             self._flip_said = True
             pairs = mirror_pairs(classes)
-            shown = "; ".join(f"{classes[i]!r} / {classes[j]!r}" for i, j in pairs[:2])
-            more = f" and {len(pairs) - 2} more pairs" if len(pairs) > 2 else ""
+            shown = "; ".join(f"{classes[i]!r} / {classes[j]!r}" for i, j in pairs[:4])
+            more = f" and {len(pairs) - 4} more pairs" if len(pairs) > 4 else ""
             self.emit({"kind": "note", "message": f"training without horizontal flips: a flip turns one class into "
                                                   f"another ({shown}{more}); --flip on flips anyway"})
         return on

@@ -200,6 +200,7 @@ def test_score_page_shows_settings_and_the_finished_stages(dash):
     assert kind.value == "classifier" and "clip" in kind.options[0].lower()
     assert at.button(key="sc_start").disabled is False
     assert at.selectbox(key="sc_arch").value == "small-cnn"
+    assert at.selectbox(key="sc_flip").value == "auto" and at.selectbox(key="sc_flip").options[0].startswith("auto")
     assert at.selectbox(key="sc_device").value == "cpu"
     stages = at.dataframe[0].value
     assert list(stages["stage"]) == ["data", "victim", "reference", "suspicious", "separate", "retrain", "export"]

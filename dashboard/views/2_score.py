@@ -173,6 +173,10 @@ with m1:
     arch = st.selectbox("Architecture", arch_opts, index=arch_opts.index(cfg.get("arch", "preact-resnet18")), key="sc_arch",
                         disabled=busy, format_func=lambda a: f"{a} · {cgd.ARCHITECTURES[a]}",
                         help="Of the trained model to repair and of the suspicious models.")
+    flips = list(cgd.flat_field("flip").choices)
+    flip = st.selectbox("Horizontal flips in training", flips, index=flips.index(cfg.get("flip", "auto")), key="sc_flip",
+                        disabled=busy, format_func={"auto": "auto (off where classes mirror each other)", "on": "on",
+                                                    "off": "off"}.get, help=c.term("flip"))
     model_path = None
     if victim_kind == "train":
         train_epochs = st.number_input("Training epochs", 1, 500, int(cfg["train_epochs"]), key="sc_train_epochs", disabled=busy,
@@ -209,7 +213,7 @@ if not dev.get("cuda"):
                "own data, start with a subset.")
 
 new_cfg = {**{k: v for k, v in ref_cfg.items()}, "classnames": classnames, "templates": templates, "model": model_path,
-           "arch": arch, "train_epochs": int(train_epochs), "suspicious": susp, "suspicious_runs": int(runs_n),
+           "arch": arch, "flip": flip, "train_epochs": int(train_epochs), "suspicious": susp, "suspicious_runs": int(runs_n),
            "suspicious_epochs": int(susp_epochs), "device": device, "precision": precision, "score_batch_size": int(batch)}
 problems = list(blockers)
 if not new_cfg.get("reference"):
