@@ -218,6 +218,9 @@ class RetrainConfig(_Config):
     subtract_trigger: bool = opt(True, "when the verdict says clean-label: train the target class's samples as clean "
                                        "(their labels are right) with the estimated trigger subtracted, instead of "
                                        "unlearning their labels (the paper: off)", pre=False)
+    drop_disputed: bool = opt(True, "when the verdict says dirty-label: leave out of the clean subset the samples "
+                                    "labelled with a target class that the reference assigns to another class (poisons "
+                                    "that slipped into the clean subset; the paper: off)", pre=False)
     unlearn_agreeing: bool = opt(True, "unlearn the labels of suspect samples the reference agrees with too (the paper); "
                                        "off: only where the reference disagrees (clean-label poisons keep their right labels)",
                                  pre=True, cli=None)
@@ -581,7 +584,7 @@ def help_for(name: str) -> str:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "cgd": {},
     "paper": {"retrain": {"lr": 0.01, "unlearn_floor": 0.0, "patience": 1, "min_batches": 0, "tolerance_se": 0.0,
-                          "stamp_clean_label": 0.0, "subtract_trigger": False},
+                          "stamp_clean_label": 0.0, "subtract_trigger": False, "drop_disputed": False},
               "separation": {"sigma3": 0.0}},
 }
 

@@ -25,7 +25,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .config import RetrainConfig
 
-__all__ = ["TriggerPlan", "estimate_trigger", "plan_trigger_repair", "plan_uses_verdict", "stamp"]
+__all__ = ["TriggerPlan", "drop_disputed", "estimate_trigger", "plan_trigger_repair", "plan_uses_verdict", "stamp"]
 
 
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -90,19 +90,36 @@ class TriggerPlan:
 
 def plan_uses_verdict(cfg: RetrainConfig) -> bool:
     """Whether :func:`plan_trigger_repair` can do anything under ``cfg`` (then its result follows the verdict)."""
-    return cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger
+    return cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
+
+
+def drop_disputed(subsets: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, targets: list[int]) -> np.ndarray:
+    """Clean-subset samples labelled with one of ``targets`` whose reference prediction is another class.
+
+    subsets: (N,) Subset codes; labels: (N,) given labels; ref_pred: (N,) the reference's argmax class.
+    Returns (N,) bool. Under a dirty-label verdict these are the poisons the rank rule let into the
+    clean subset (a warped or faint trigger can leave the reference's entropy low), with the target
+    class's clean images that the reference gets wrong; leaving both out of retraining costs a few
+    clean images of one class and keeps the backdoor from being taught again.
+    """
+    from .separation import Subset
+
+    labels, ref_pred = np.asarray(labels), np.asarray(ref_pred)
+    return (np.asarray(subsets) == Subset.CLEAN) & np.isin(labels, list(targets)) & (ref_pred != labels)
 
 
 def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndarray, verdict: dict | None,
-                        cfg: RetrainConfig) -> TriggerPlan:
-    """Decide stamping and trigger subtraction for one retraining.
+                        cfg: RetrainConfig, ref_pred: np.ndarray | None = None) -> TriggerPlan:
+    """Decide, from the verdict, which subsets retraining uses, stamping and trigger subtraction.
 
     images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
-    document (cgd.verdict) or None. The share stamped is ``cfg.stamp_clean_label`` when the verdict says
-    clean-label, else ``cfg.stamp``; with ``cfg.subtract_trigger`` and a clean-label verdict every
-    sample labelled with the target is trained as clean with the trigger subtracted. Both need a
-    verdict naming exactly one target and at least 10 suspects with that label; otherwise nothing
-    is done and a note says why.
+    document (cgd.verdict) or None; ref_pred: (N,) the reference's predicted classes (needed by
+    ``cfg.drop_disputed``). With ``cfg.drop_disputed`` and a dirty-label verdict naming targets, the
+    clean-subset samples of :func:`drop_disputed` are left out (Subset.UNUSED). The share stamped is
+    ``cfg.stamp_clean_label`` when the verdict says clean-label, else ``cfg.stamp``; with
+    ``cfg.subtract_trigger`` and a clean-label verdict every sample labelled with the target is
+    trained as clean with the trigger subtracted. Both need a verdict naming exactly one target and
+    at least 10 suspects with that label; otherwise nothing is done and a note says why.
     """
     from .separation import Subset
 
@@ -111,6 +128,15 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     share = cfg.stamp_clean_label if clean_label else cfg.stamp
     subtract = cfg.subtract_trigger and clean_label
     plan = TriggerPlan(subsets=np.asarray(subsets), config=replace(cfg, stamp=0.0))
+    if (cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and v.get("targets")
+            and ref_pred is not None):
+        out = drop_disputed(plan.subsets, labels, ref_pred, v["targets"])
+        if out.any():
+            plan.subsets = plan.subsets.copy()
+            plan.subsets[out] = Subset.UNUSED
+            names = ", ".join(str(int(t)) for t in v["targets"])
+            plan.notes.append(f"dirty-label: {int(out.sum())} clean-subset samples labelled {names} that the reference "
+                              f"assigns to another class are left out of retraining")
     if share <= 0 and not subtract:
         return plan
     targets = v.get("targets") or []
@@ -118,7 +144,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
         plan.notes.append("trigger estimate skipped: the verdict names no single target class")
         return plan
     target = int(targets[0])
-    sub = np.asarray(subsets)
+    sub = plan.subsets
     delta = estimate_trigger(images, labels, sub == Subset.SUSPECT, target)
     if delta is None:
         plan.notes.append(f"trigger estimate skipped: too few suspect samples labelled {target}")

@@ -19,10 +19,18 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
   median class): poisons in a hard class are learnt better than its test samples without reaching
   the set's fastest tail (SIG on half of the demo's cats: z 4.1 here, 1.3 on the tail statistics;
   clean-label rows score 6.5-24 against 5.6-10.6 before; never-poisoned sets at most 2.5).
+* ``ref_shift`` -- the same comparison under the reference: within the class, how much more
+  unlikely it finds the training samples than the test samples (AUC against the median class). The
+  reference never trained on either split, so a clean class shows none, even where the reference
+  fails the class; relabelled samples it only doubts, short of the set's unlikely tail, show here
+  (WaNet with target 5 on the demo: 5.2, disagreement 1.5).
+* ``joint`` -- (reference evidence + model evidence) / sqrt(2) in one class, each the larger of its
+  two statistics and both positive: two independent sources each only moderately unusual (Blended
+  at 5 % with target 2 on the demo: 3.5 and 3.8, joint 5.2).
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
-benchmark and the demo, poisoned ones 5.6-26.5; see bench/README.md). Several hot classes make the
+benchmark and the demo, poisoned ones 5.2-26.5; see bench/README.md). Several hot classes make the
 attack all-to-all; otherwise the class with the largest z is the target. The family follows from
 the class shares of the two splits: a target class holding more of the training set than of the
 test set received relabelled samples (dirty-label); one learnt fast with its share unchanged is
@@ -45,7 +53,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 5
+VERDICT_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class VerdictConfig:
     set in the contradiction quadrant above which the set counts as poisoned (all-to-all).
     min_class: classes with fewer samples are not judged on their own.
 
-    The reference's disagreement alone (no class-share shift, no fast learning) never raises the alarm:
+    The reference's disagreement (or ref_shift) alone (no class-share shift, no fast learning) never raises the alarm:
     relabelling adds samples to the target class, and a class whose training samples the reference
     rejects without that is what a reference failing on the class gives (GTSRB, never poisoned: a
     flip-trained reference calls 70 of 89 "keep left" training signs "keep right", z 5.1)."""
@@ -195,21 +203,45 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def _fit_shift_z(mn: np.ndarray, y: np.ndarray, mn_t: np.ndarray, y_t: np.ndarray, k: int, ok: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per class (K,): the AUC P(test NLL > training NLL) of the suspicious models' NLLs (ties count
-    half), and its z against the median class: (AUC - median) / sqrt(SE^2 + (1.4826 MAD)^2), with the
-    Mann-Whitney SE sqrt((n + m + 1) / (12 n m)). The median absorbs the train/test gap every class
-    shares (models fit what they trained on); -inf where not ``ok``."""
+def _shift_z(v: np.ndarray, y: np.ndarray, v_t: np.ndarray, y_t: np.ndarray, k: int, ok: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (K,): the AUC P(training value > test value) of ``v`` (N,) against ``v_t`` (M,) within
+    the class (ties count half), and its z against the median class: (AUC - median) /
+    sqrt(SE^2 + (1.4826 MAD)^2), with the Mann-Whitney SE sqrt((n + m + 1) / (12 n m)). The median
+    absorbs a train/test gap every class shares (models fit what they trained on; a reference trained
+    on part of the test split); -inf where not ``ok``."""
     auc = np.full(k, np.nan)
     se = np.full(k, np.inf)
     for c in np.flatnonzero(ok):
-        a, b = mn[y == c], mn_t[y_t == c]
+        a, b = v[y == c], v_t[y_t == c]
         r = _average_ranks(np.concatenate([a, b]))
-        u = r[len(a):].sum() - len(b) * (len(b) + 1) / 2  # test samples ranked above training ones
+        u = r[:len(a)].sum() - len(a) * (len(a) + 1) / 2  # training samples ranked above test ones
         auc[c] = u / (len(a) * len(b))
         se[c] = np.sqrt((len(a) + len(b) + 1) / (12.0 * len(a) * len(b)))
     return auc, _spread_z(auc, se, ok, centred=True)
+
+
+def _fit_shift_z(mn: np.ndarray, y: np.ndarray, mn_t: np.ndarray, y_t: np.ndarray, k: int, ok: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: the AUC P(test NLL > training NLL) of the suspicious models' NLLs and its z (:func:`_shift_z`)."""
+    return _shift_z(-np.asarray(mn), y, -np.asarray(mn_t), y_t, k, ok)
+
+
+def _ref_shift_z(cn: np.ndarray, y: np.ndarray, cn_t: np.ndarray, y_t: np.ndarray, k: int, ok: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: the AUC P(training NLL > test NLL) of the reference's NLLs and its z (:func:`_shift_z`).
+    The reference never trained on either split, so on a clean class the two are exchangeable (AUC
+    about 0.5, or the median class's); a reference that fails a class fails its test samples too."""
+    return _shift_z(np.asarray(cn), y, np.asarray(cn_t), y_t, k, ok)
+
+
+def _joint_z(z: dict[str, np.ndarray]) -> np.ndarray:
+    """Per class: (reference evidence + model evidence) / sqrt(2), where both are positive (-inf
+    elsewhere); reference evidence = max(disagreement, ref_shift), model evidence = max(fast_learning,
+    fit_shift). Two independent sources that are each only moderately unusual in the same class."""
+    ref = np.maximum(z["disagreement"], z["ref_shift"])
+    mod = np.maximum(z["fast_learning"], z["fit_shift"])
+    return np.where((ref > 0) & (mod > 0), (ref + mod) / np.sqrt(2.0), -np.inf)
 
 
 def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
@@ -267,15 +299,21 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     te = _split_stats(cn_t, mn_t, y_t, num_classes, ref_cut, float(np.quantile(mn_t, cfg.tail)))
     ok = (tr["n"] >= cfg.min_class) & (te["n"] >= 5)
     auc, z_fit = _fit_shift_z(mn, y, mn_t, y_t, num_classes, ok)
+    auc_ref, z_ref = _ref_shift_z(cn, y, cn_t, y_t, num_classes, ok)
     z = {"contradiction": _association_z(tr, ok), "disagreement": _excess_z(tr, te, "disagreement", ok)[1],
-         "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1], "fit_shift": z_fit}
+         "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1], "fit_shift": z_fit, "ref_shift": z_ref}
+    z["joint"] = _joint_z(z)
     extra, z_share = _share_z(tr, te)
     evidence = {}
     for key, zk in z.items():
         c = int(np.argmax(zk))
         evidence[key] = {"class": c, "z": float(zk[c]) if np.isfinite(zk[c]) else float("nan")}
-        if key == "fit_shift":  # the class's AUC and the median class's
-            evidence[key].update(auc=float(auc[c]), median_auc=float(np.nanmedian(auc[ok])) if ok.any() else float("nan"))
+        if key in ("fit_shift", "ref_shift"):  # the class's AUC and the median class's
+            a = auc if key == "fit_shift" else auc_ref
+            evidence[key].update(auc=float(a[c]), median_auc=float(np.nanmedian(a[ok])) if ok.any() else float("nan"))
+        elif key == "joint":
+            evidence[key].update(reference=float(max(z["disagreement"][c], z["ref_shift"][c])),
+                                 models=float(max(z["fast_learning"][c], z["fit_shift"][c])))
         else:
             evidence[key].update(rate=float(tr[key][c] / max(tr["n"][c], 1)), test_rate=float(te[key][c] / max(te["n"][c], 1)))
     best = max(z, key=lambda k: np.max(z[k]))
@@ -301,7 +339,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
     else:
         family, est = "undetermined", 0
-    if family == "undetermined" and best == "disagreement":
+    if family == "undetermined" and best in ("disagreement", "ref_shift"):
         return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share, caveat=(
             f"Class {target}: the reference finds its training samples unlikely far more often than its test samples "
             f"(z {score:.1f}), but the class holds no more of the training set than of the test set and the models do "

@@ -117,6 +117,34 @@ def test_plan_on_a_dirty_label_verdict_changes_nothing_by_default():
     assert plan.trigger is None and plan.unstamp is None and (plan.subsets == sub).all()
 
 
+def test_plan_on_a_dirty_label_verdict_leaves_out_disputed_target_samples():
+    """Dirty-label: clean-subset samples labelled with the target that the reference puts in another
+    class (poisons that slipped through, and target images the reference gets wrong) are left out;
+    nothing else moves, and nothing moves without a dirty-label verdict, a reference or under the paper."""
+    x, y, poison = _patch_set()
+    rng = np.random.default_rng(2)
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    slipped = np.flatnonzero(poison)[:20]
+    sub[slipped] = Subset.CLEAN  # poisons the rank rule let into the clean subset
+    orig = np.where(poison, rng.integers(1, 10, len(y)), y)
+    ref_pred = orig.copy()  # the reference sees the true class ...
+    wrong = np.flatnonzero((y == 0) & ~poison)[:15]
+    ref_pred[wrong] = 3  # ... and gets some target images wrong
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(), ref_pred)
+    moved = (sub != plan.subsets)
+    assert set(np.flatnonzero(moved)) == set(slipped) | set(wrong)
+    assert (plan.subsets[moved] == Subset.UNUSED).all() and plan.trigger is None
+    assert any("35 clean-subset samples labelled 0" in n for n in plan.notes)
+    assert ((sub == Subset.CLEAN) & poison).sum() == 20  # the caller's array is left as it was
+    from cgd.config import apply_preset
+
+    for v, cfg, rp in ((_verdict("clean-label"), RetrainConfig(subtract_trigger=False, stamp_clean_label=0), ref_pred),
+                       (_verdict("dirty-label", poisoned=False), RetrainConfig(), ref_pred),
+                       (_verdict("dirty-label"), RetrainConfig(), None),
+                       (_verdict("dirty-label"), apply_preset(RetrainConfig(), "paper"), ref_pred)):
+        assert (plan_trigger_repair(x, y, sub, v, cfg, rp).subsets == sub).all()
+
+
 def test_plan_without_one_named_target_says_why():
     x, y, poison = _patch_set()
     sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)

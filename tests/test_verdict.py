@@ -116,3 +116,32 @@ def test_all_to_all_needs_dirty_label_evidence_in_many_classes_of_their_own():
     mn[zero] = rng.exponential(0.01, len(zero))
     v = audit_verdict(cn, mn, y, K, test=(cn_t, mn_t, y_t))
     assert v.poisoned and v.mode == "all-to-one" and v.targets == [0] and v.family == "clean-label"
+
+
+def test_relabelled_samples_below_the_unlikely_tail_are_found_by_the_ref_shift():
+    """WaNet-like poisons at another target: the reference doubts them more than the class's own images
+    but never enough to reach the set's unlikely tail, and the models learn them no faster. The tail
+    statistics stay quiet; comparing the class's training and test NLL distributions under the
+    reference (ref_shift) finds them, and the class-share shift makes them dirty-label."""
+    rng = np.random.default_rng(0)
+    y, y_t = np.repeat(np.arange(K), 500), np.repeat(np.arange(K), 300)
+    cn, mn = rng.exponential(1.0, len(y)), rng.exponential(1.0, len(y))
+    cn_t, mn_t = rng.exponential(1.0, len(y_t)), rng.exponential(1.0, len(y_t))
+    idx = rng.choice(np.flatnonzero(y != 5), 400, replace=False)
+    y[idx] = 5
+    cn[idx] = rng.uniform(1.8, 2.25, len(idx))  # the unlikely tail starts near 2.3
+    v = audit_verdict(cn, mn, y, K, test=(cn_t, mn_t, y_t))
+    thr = VerdictConfig().threshold
+    assert max(v.evidence[k]["z"] for k in ("contradiction", "disagreement", "fast_learning", "fit_shift")) < thr
+    assert v.evidence["ref_shift"]["class"] == 5 and v.evidence["ref_shift"]["z"] >= thr
+    assert v.poisoned and v.targets == [5] and v.family == "dirty-label"
+
+
+def test_joint_evidence_needs_the_reference_and_the_models_in_the_same_class():
+    from cgd.verdict import _joint_z
+
+    z = {"disagreement": np.array([3.5, 6.0, -1.0, 0.5]), "ref_shift": np.array([1.0, 0.0, 4.0, 0.2]),
+         "fast_learning": np.array([2.0, -0.5, 4.0, 9.0]), "fit_shift": np.array([3.6, -1.0, 1.0, -2.0])}
+    j = _joint_z(z)
+    np.testing.assert_allclose(j[[0, 2, 3]], [(3.5 + 3.6) / np.sqrt(2), 8 / np.sqrt(2), 9.5 / np.sqrt(2)])
+    assert j[1] == -np.inf  # the models see nothing unusual in class 1: no joint evidence
