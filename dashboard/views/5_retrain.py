@@ -58,6 +58,9 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
     hp["subtract_trigger"] = st.checkbox("Clean-label: train the target class with the estimated trigger subtracted",
                                          bool(cfg["subtract_trigger"]), key="rt_subtract_trigger",
                                          help=c.term("subtract_trigger"), disabled=busy)
+    hp["drop_disputed"] = st.checkbox("Dirty-label: leave out target-class samples the reference assigns elsewhere",
+                                      bool(cfg["drop_disputed"]), key="rt_drop_disputed",
+                                      help=c.term("drop_disputed"), disabled=busy)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
