@@ -60,7 +60,7 @@ def test_a_failed_repair_says_so_and_suggests_something():
     assert any("--stamp-clean-label 0.5 --subtract-trigger" in t for t in o["suggestions"])
     # a dirty-label verdict with one target: stamping the estimated trigger is suggested, unless it is on already
     dirty = {"family": "dirty-label", "targets": [2]}
-    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300), 100, 120, 20, verdict=dirty)["outcome"]
+    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300, stamp=0), 100, 120, 20, verdict=dirty)["outcome"]
     assert any("--stamp 0.5" in t for t in o["suggestions"])
-    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300, stamp=0.5), 100, 120, 20, verdict=dirty)["outcome"]
-    assert not any("--stamp 0.5" in t for t in o["suggestions"])
+    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300), 100, 120, 20, verdict=dirty)["outcome"]
+    assert not any("--stamp 0.5" in t for t in o["suggestions"])  # on by default

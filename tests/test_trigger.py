@@ -102,10 +102,15 @@ def test_plan_on_a_clean_label_verdict_subtracts_and_stamps():
     assert any("trained as clean" in n for n in plan.notes)
 
 
-def test_plan_on_a_dirty_label_verdict_changes_nothing_by_default():
+def test_plan_on_a_dirty_label_verdict_stamps_and_subtracts_nothing():
+    """Dirty-label: the default stamps the estimated trigger on half of the other classes' clean samples;
+    nothing is subtracted and no subset changes (the poisons' labels are wrong, they stay suspects)."""
     x, y, poison = _patch_set()
     sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
     plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig())
+    assert plan.trigger is not None and plan.target == 0 and plan.config.stamp == RetrainConfig().stamp == 0.5
+    assert plan.unstamp is None and (plan.subsets == sub).all()
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(stamp=0))
     assert plan.trigger is None and plan.unstamp is None and plan.config.stamp == 0 and (plan.subsets == sub).all()
     plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(stamp=0.3))
     assert plan.trigger is not None and plan.config.stamp == 0.3 and plan.unstamp is None
@@ -133,7 +138,7 @@ def test_plan_on_a_dirty_label_verdict_leaves_out_disputed_target_samples():
     plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(), ref_pred)
     moved = (sub != plan.subsets)
     assert set(np.flatnonzero(moved)) == set(slipped) | set(wrong)
-    assert (plan.subsets[moved] == Subset.UNUSED).all() and plan.trigger is None
+    assert (plan.subsets[moved] == Subset.UNUSED).all()
     assert any("35 clean-subset samples labelled 0" in n for n in plan.notes)
     assert ((sub == Subset.CLEAN) & poison).sum() == 20  # the caller's array is left as it was
     from cgd.config import apply_preset
