@@ -27,6 +27,11 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
 * ``joint`` -- (reference evidence + model evidence) / sqrt(2) in one class, each the larger of its
   two statistics and both positive: two independent sources each only moderately unusual (Blended
   at 5 % with target 2 on the demo: 3.5 and 3.8, joint 5.2).
+* ``relabel`` -- (reference evidence + the class-share z, capped at 4) / sqrt(2), where the class holds
+  clearly more of the training set than of the test set (share z >= 3): the two signatures of
+  relabelling, from independent sources (low-frequency at 5 % with target 9 on the demo: the reference
+  3.2, share 5.5, relabel 5.1; its trigger is optimised to look like the target, so the reference
+  doubts its poisons less than others').
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
@@ -53,7 +58,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 6
+VERDICT_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,21 @@ def _joint_z(z: dict[str, np.ndarray]) -> np.ndarray:
     return np.where((ref > 0) & (mod > 0), (ref + mod) / np.sqrt(2.0), -np.inf)
 
 
+# class-share z at which a class counts as holding relabelled samples, and the most it adds to ``relabel``:
+# a class-share shift alone can be natural (a test split balanced differently from the training set)
+SHARE_Z_MIN, SHARE_Z_CAP = 3.0, 4.0
+
+
+def _relabel_z(z: dict[str, np.ndarray], z_share: np.ndarray) -> np.ndarray:
+    """Per class: (reference evidence + min(class-share z, 4)) / sqrt(2) where the class holds more of the
+    training set than of the test set (share z >= 3) and the reference doubts its training samples
+    (max(disagreement, ref_shift) > 0); -inf elsewhere. The two signatures of relabelling, from
+    independent sources (counts and the reference's NLLs); capping the share keeps a naturally
+    imbalanced split from raising the alarm without the reference."""
+    ref = np.maximum(z["disagreement"], z["ref_shift"])
+    return np.where((ref > 0) & (z_share >= SHARE_Z_MIN), (ref + np.minimum(z_share, SHARE_Z_CAP)) / np.sqrt(2.0), -np.inf)
+
+
 def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
     """Within each class: do the samples the reference finds unlikely tend to be the ones the models
     learnt fast? z of the observed count of both against its hypergeometric expectation
@@ -304,6 +324,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
          "fast_learning": _excess_z(tr, te, "fast_learning", ok)[1], "fit_shift": z_fit, "ref_shift": z_ref}
     z["joint"] = _joint_z(z)
     extra, z_share = _share_z(tr, te)
+    z["relabel"] = _relabel_z(z, z_share)
     evidence = {}
     for key, zk in z.items():
         c = int(np.argmax(zk))
@@ -314,6 +335,8 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
         elif key == "joint":
             evidence[key].update(reference=float(max(z["disagreement"][c], z["ref_shift"][c])),
                                  models=float(max(z["fast_learning"][c], z["fit_shift"][c])))
+        elif key == "relabel":
+            evidence[key].update(reference=float(max(z["disagreement"][c], z["ref_shift"][c])), share=float(z_share[c]))
         else:
             evidence[key].update(rate=float(tr[key][c] / max(tr["n"][c], 1)), test_rate=float(te[key][c] / max(te["n"][c], 1)))
     best = max(z, key=lambda k: np.max(z[k]))

@@ -145,3 +145,28 @@ def test_joint_evidence_needs_the_reference_and_the_models_in_the_same_class():
     j = _joint_z(z)
     np.testing.assert_allclose(j[[0, 2, 3]], [(3.5 + 3.6) / np.sqrt(2), 8 / np.sqrt(2), 9.5 / np.sqrt(2)])
     assert j[1] == -np.inf  # the models see nothing unusual in class 1: no joint evidence
+
+
+def test_relabel_evidence_needs_a_share_shift_and_the_reference():
+    """A class holding clearly more of the training set than of the test set counts only together with
+    the reference's doubt, and the share's part is capped: a naturally imbalanced split alone is no alarm."""
+    from cgd.verdict import SHARE_Z_CAP, _relabel_z
+
+    z = {"disagreement": np.array([2.3, 3.2, 9.0, -0.5]), "ref_shift": np.array([3.2, 0.0, 1.0, -1.0])}
+    share = np.array([5.5, 2.5, 40.0, 40.0])
+    r = _relabel_z(z, share)
+    np.testing.assert_allclose(r[0], (3.2 + SHARE_Z_CAP) / np.sqrt(2))
+    assert r[1] == -np.inf  # share z 2.5: not clearly relabelled
+    np.testing.assert_allclose(r[2], (9.0 + SHARE_Z_CAP) / np.sqrt(2))
+    assert r[3] == -np.inf  # the reference has no doubt about the class: imbalance alone
+    # the whole verdict: 40 % more class-5 training samples than the test split's share, drawn like the rest
+    cn, mn, y, test, rng = _scores()
+    extra = np.flatnonzero(y == 5)[:200]
+    y2 = np.concatenate([y, y[extra]])
+    v = audit_verdict(np.concatenate([cn, rng.exponential(1.0, 200)]), np.concatenate([mn, rng.exponential(1.0, 200)]),
+                      y2, K, test=test)
+    from cgd.verdict import _share_z
+
+    z_share = _share_z({"n": np.bincount(y2, minlength=K).astype(float)}, {"n": np.bincount(test[2], minlength=K).astype(float)})[1]
+    assert z_share[5] >= 4  # clearly imbalanced ...
+    assert not v.poisoned, v.evidence  # ... and still no alarm
