@@ -159,11 +159,11 @@ def test_relabel_evidence_needs_a_share_shift_and_the_reference():
     assert r[1] == -np.inf  # share z 2.5: not clearly relabelled
     np.testing.assert_allclose(r[2], (9.0 + SHARE_Z_CAP) / np.sqrt(2))
     assert r[3] == -np.inf  # the reference has no doubt about the class: imbalance alone
-    # the whole verdict: 40 % more class-5 training samples than the test split's share, drawn like the rest
+    # the whole verdict: 60 % more class-5 training samples than the test split's share, drawn like the rest
     cn, mn, y, test, rng = _scores()
-    extra = np.flatnonzero(y == 5)[:200]
+    extra = np.flatnonzero(y == 5)[:300]
     y2 = np.concatenate([y, y[extra]])
-    v = audit_verdict(np.concatenate([cn, rng.exponential(1.0, 200)]), np.concatenate([mn, rng.exponential(1.0, 200)]),
+    v = audit_verdict(np.concatenate([cn, rng.exponential(1.0, 300)]), np.concatenate([mn, rng.exponential(1.0, 300)]),
                       y2, K, test=test)
     from cgd.verdict import _share_z
 
