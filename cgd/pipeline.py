@@ -98,6 +98,7 @@ class _Ctx:
         self.device = resolve_device(cfg.device)
         self._data: RunData | None = None
         self._data_mm: RunData | None = None
+        self._flip_said = False  # the note on flips turned off is emitted once
 
     def check_stop(self) -> None:
         if self.run.path(layout.STOP).exists():
@@ -130,7 +131,7 @@ class _Ctx:
 
         classes = read_json(self.run.path(layout.CLASSES_JSON), []) or []
         on = self.cfg.flips(classes)
-        if not on and self.cfg.flip == "auto" and not getattr(self, "_flip_said", False):
+        if not on and self.cfg.flip == "auto" and not self._flip_said:
             self._flip_said = True
             pairs = mirror_pairs(classes)
             shown = "; ".join(f"{classes[i]!r} / {classes[j]!r}" for i, j in pairs[:4])
