@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cgd import attacks, layout  # noqa: E402
+from cgd.config import FLIP_CHOICES, PRESETS  # noqa: E402
 from cgd.pipeline import RunConfig, run_pipeline  # noqa: E402
 
 SHARED = Path(os.environ.get("CGD_SHARED_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -99,9 +100,8 @@ def natural_asr(clean_run: Path, attack_run: Path, device: str) -> float:
     return float(evaluate_model(model, d.test.images, d.test.labels, d.bd, device)["asr"])
 
 
-# the retraining settings a preset decides (cgd.config.PRESETS), passed to every row
-_PRESET_FIELDS = ("lr", "unlearn", "unlearn_floor", "patience", "min_batches", "tolerance_se", "stamp",
-                  "stamp_clean_label", "stamp_gain", "subtract_trigger")
+# the retraining settings any preset decides (cgd.config.PRESETS), passed to every row from the chosen one
+_PRESET_FIELDS = tuple(sorted({k for p in PRESETS.values() for k in p.get("retrain", {})}))
 
 
 def _preset(args):
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="cgd", choices=["cgd", "paper"],
                    help="recipe: cgd (lr 0.003, unlearning floor 1e-4, patience 2, sigma3 0.1) or paper (lr 0.01, no floor, patience 1, sigma3 0); the other stages are shared, so a "
                         "second run with the other preset and the same --out retrains only")
-    p.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--flip", default="auto", choices=list(FLIP_CHOICES),
                    help="random horizontal flips in every training (auto: off where classes mirror each other, GTSRB)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-batches", type=int, default=200)

@@ -324,7 +324,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ARCHITECTURES
+    from .config import ARCHITECTURES, FLIP_CHOICES
 
     p = argparse.ArgumentParser(prog="cgd", description="Audit a training set for backdoor poisoning and repair the model (CLIP-Guided Defense).")
     from . import __version__
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32", "int8"])
-    t.add_argument("--flip", default="auto", choices=["auto", "on", "off"],
+    t.add_argument("--flip", default="auto", choices=list(FLIP_CHOICES),
                    help="random horizontal flips: auto = on unless class names come in left/right pairs (GTSRB)")
     t.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     t.add_argument("--eval", action="store_true", help="report accuracy on the test split afterwards")

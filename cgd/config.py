@@ -129,6 +129,10 @@ class _Config:
 # Leaves
 # ------------------------------------------------------------------------------------------------
 
+# the --flip settings (cgd.train.resolve_flip reads them)
+FLIP_CHOICES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class SeparationConfig(_Config):
     """Thresholds of the separation (all fractions in [0, 1); see :func:`cgd.separation.flag_subsets`).
@@ -388,7 +392,7 @@ class RunConfig(_Config):
                     choices=tuple(ARCHITECTURES))
     flip: str = opt("auto", "random horizontal flips when training the model to repair, the suspicious models and the "
                             "repaired model: auto = on, except where class names come in left/right pairs (GTSRB's "
-                            "keep left / keep right), which a flip turns into each other", choices=("auto", "on", "off"),
+                            "keep left / keep right), which a flip turns into each other", choices=FLIP_CHOICES,
                     pre="on")
     reference: ReferenceConfig = section(ReferenceConfig, "", "reference")
     victim: TrainConfig = section(lambda: TrainConfig(epochs=20, lr=1e-3, schedule="cosine"), "train_",

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from .config import FLIP_CHOICES, TrainConfig
 from .device import autocast, resolve_device, resolve_precision
 
 __all__ = [
@@ -51,8 +51,6 @@ def to_device_u8(images: np.ndarray | torch.Tensor, device: torch.device) -> tor
         t = t.permute(0, 3, 1, 2)
     return t.to(device, non_blocking=True).contiguous()
 
-
-FLIP_CHOICES = ("auto", "on", "off")
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
