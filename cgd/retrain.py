@@ -123,6 +123,7 @@ def guided_retrain(
     trigger: np.ndarray | None = None,
     target: int | None = None,
     unstamp: np.ndarray | None = None,
+    unlearn_mask: np.ndarray | None = None,
 ) -> Iterator[dict]:
     """Retrain ``model`` in place; yields events (dicts with a ``kind``):
 
@@ -146,6 +147,8 @@ def guided_retrain(
     gets the trigger added (scaled by a factor drawn from [1, ``cfg.stamp_gain``]), labelled with their
     own class, so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger
     is subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
+    unlearn_mask: (N,) bool, the suspect samples whose labels are unlearnt (default: every one; the
+    others get the distillation term only; :func:`cgd.trigger.plan_trigger_repair`).
 
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
@@ -164,8 +167,10 @@ def guided_retrain(
     pool = torch.as_tensor(np.concatenate([clean_idx, suspect_idx]), device=dev)
     is_susp = torch.cat([torch.zeros(len(clean_idx), dtype=torch.bool), torch.ones(len(suspect_idx), dtype=torch.bool)]).to(dev)
     # suspects whose label the reference agrees with are likely clean-label poisons (their label is right)
-    unlearn_ok = (None if cfg.unlearn_agreeing
-                  else torch.as_tensor(np.asarray(reference_logits).argmax(1) != np.asarray(labels), device=dev))
+    ok = None if cfg.unlearn_agreeing else np.asarray(reference_logits).argmax(1) != np.asarray(labels)
+    if unlearn_mask is not None:
+        ok = np.asarray(unlearn_mask, bool) if ok is None else ok & np.asarray(unlearn_mask, bool)
+    unlearn_ok = None if ok is None else torch.as_tensor(ok, device=dev)
     stamping = cfg.stamp > 0 and trigger is not None and target is not None
     delta = (torch.as_tensor(np.asarray(trigger, np.float32) / 255.0).permute(2, 0, 1)[None].to(dev)
              if trigger is not None else None)

@@ -25,7 +25,8 @@ import numpy as np
 if TYPE_CHECKING:
     from .config import RetrainConfig
 
-__all__ = ["TriggerPlan", "drop_disputed", "estimate_trigger", "plan_trigger_repair", "plan_uses_verdict", "stamp"]
+__all__ = ["TriggerPlan", "drop_disputed", "estimate_trigger", "outside_targets", "plan_trigger_repair", "plan_uses_verdict",
+           "stamp"]
 
 
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -77,7 +78,8 @@ class TriggerPlan:
     subsets: (N,) int8 Subset codes to retrain with (target-class suspects moved to clean when
     subtracting); config: the RetrainConfig with ``stamp`` set to the share actually stamped;
     trigger: (H, W, 3) float32 or None; target: the class or None; unstamp: (N,) bool or None, the
-    samples whose trigger is subtracted; notes: sentences for the run log.
+    samples whose trigger is subtracted; unlearn: (N,) bool or None, the suspect samples whose labels
+    are unlearnt (None: every one); notes: sentences for the run log.
     """
 
     subsets: np.ndarray
@@ -85,12 +87,26 @@ class TriggerPlan:
     trigger: np.ndarray | None = None
     target: int | None = None
     unstamp: np.ndarray | None = None
+    unlearn: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def plan_uses_verdict(cfg: RetrainConfig) -> bool:
     """Whether :func:`plan_trigger_repair` can do anything under ``cfg`` (then its result follows the verdict)."""
-    return cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
+    return (cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
+            or cfg.outside_targets != "unlearn")
+
+
+def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int]) -> np.ndarray:
+    """Suspect samples labelled with none of ``targets``: (N,) bool.
+
+    subsets: (N,) Subset codes; labels: (N,) given labels. Under an all-to-one verdict every poison
+    carries a target label (dirty-label: relabelled to it; clean-label: a target-class image), so
+    these are clean samples the rank rule flagged for being hard or mislabelled by the reference.
+    """
+    from .separation import Subset
+
+    return (np.asarray(subsets) == Subset.SUSPECT) & ~np.isin(np.asarray(labels), list(targets))
 
 
 def drop_disputed(subsets: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, targets: list[int]) -> np.ndarray:
@@ -137,6 +153,21 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
             names = ", ".join(str(int(t)) for t in v["targets"])
             plan.notes.append(f"dirty-label: {int(out.sum())} clean-subset samples labelled {names} that the reference "
                               f"assigns to another class are left out of retraining")
+    if (cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one"
+            and v.get("targets")):
+        spare = outside_targets(plan.subsets, labels, v["targets"])
+        if spare.any():
+            names = ", ".join(str(int(t)) for t in v["targets"])
+            if cfg.outside_targets == "clean":
+                plan.subsets = plan.subsets.copy()
+                plan.subsets[spare] = Subset.CLEAN
+                plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one "
+                                  f"attack's poisons all carry the target label) are trained as clean")
+            else:
+                plan.unlearn = ~spare
+                plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one "
+                                  f"attack's poisons all carry the target label) get the distillation term only, "
+                                  f"no unlearning")
     if share <= 0 and not subtract:
         return plan
     targets = v.get("targets") or []

@@ -4,8 +4,10 @@ retraining job. The promise the demo makes to a new user is asserted here, so no
 default can break it silently:
 
 * the model to repair is worth repairing: CA >= 60 %, ASR >= 90 %;
-* after repair the backdoor is gone: ASR <= 5 %, and CA is not lower than before by more than 2 points;
-* the verdict names the target class, and the outcome is reported as a repair.
+* after repair the backdoor is gone: ASR <= 5 %, and CA is not lower than before by more than 2 points
+  (3 for the low-rate Trojan at target 9);
+* the verdict names the target class, and the outcome is reported as a repair (the low-rate Trojan
+  may instead be judged "clean accuracy lost", which the pages say plainly).
 
 The wall time from the first job's start to the end of retraining is printed (the issue's budget is
 6 minutes on a 2-core CPU); it is not asserted, because CI machines differ.
@@ -98,3 +100,33 @@ def test_the_demo_repairs_a_clean_label_attack_with_every_default(tmp_path, monk
     assert before["asr"] >= 70.0, before
     assert after["asr"] <= 5.0 and before["ca"] - after["ca"] <= 1.5, (before, after)
     assert summary["outcome"]["status"] == "repaired", summary["outcome"]
+
+
+def test_the_demo_repairs_a_low_rate_attack_on_another_target_with_every_default(tmp_path, monkeypatch, capsys):
+    """Trojan at 3 % with target 9: neither the rate nor the target is the teaching attack's. With the
+    defaults the verdict must name target 9 (dirty-label) and the backdoor must go. Measured (retraining
+    only, bench/README.md): the paper's unlearning of every suspect left 81.7 % ASR; the defaults
+    (the other classes' suspects trained as clean, the estimated trigger stamped) CA 66.5 -> 64.2, ASR
+    99.9 -> 0.7. On the demo's weak reference the target class loses accuracy (its clean images that
+    the reference gets wrong are left out), hence a 3-point CA allowance here."""
+    if not demo.available():
+        pytest.skip("the demo sample assets/demo/cifar10 is absent")
+    import subprocess
+
+    from cgd.pipeline import run_pipeline
+
+    monkeypatch.setenv("CGD_CACHE", str(tmp_path / "cache"))
+    subprocess.run(demo.reference_command(), check=True)
+    cfg = demo.run_config(str(tmp_path / "trojan"), attack={"attack": "trojan", "poison_rate": 0.03, "target": 9})
+    t0 = time.time()
+    info = run_pipeline(cfg, progress_bars=False)
+    summary, verdict = info["summary"], info["verdict"]
+    before, after = summary["before"], summary["after"]
+    with capsys.disabled():
+        print(f"\ndemo trojan 3 % -> 9: {time.time() - t0:.0f} s; verdict {verdict['family']} {verdict['targets']} "
+              f"(score {verdict['score']:.1f}); CA {before['ca']:.1f} -> {after['ca']:.1f}, ASR {before['asr']:.1f} -> "
+              f"{after['asr']:.1f}")
+    assert verdict["poisoned"] and verdict["targets"] == [9] and verdict["family"] == "dirty-label", verdict
+    assert before["asr"] >= 90.0, before
+    assert after["asr"] <= 5.0 and before["ca"] - after["ca"] <= 3.0, (before, after)
+    assert summary["outcome"]["status"] in ("repaired", "ca_lost"), summary["outcome"]

@@ -64,3 +64,10 @@ def test_a_failed_repair_says_so_and_suggests_something():
     assert any("--stamp 0.5" in t for t in o["suggestions"])
     o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300), 100, 120, 20, verdict=dirty)["outcome"]
     assert not any("--stamp 0.5" in t for t in o["suggestions"])  # on by default
+    # an all-to-one verdict: training the other classes' suspects as clean is suggested where it is off
+    one = {**dirty, "mode": "all-to-one"}
+    o = repair_outcome(rows, done, paper, 100, 120, 20, verdict=one)["outcome"]
+    assert any("--outside-targets clean" in t for t in o["suggestions"])
+    for cfg, v in ((RetrainConfig(epochs=3, min_batches=300), one), (paper, {**one, "mode": "all-to-all"})):
+        o = repair_outcome(rows, done, cfg, 100, 120, 20, verdict=v)["outcome"]
+        assert not any("--outside-targets" in t for t in o["suggestions"])

@@ -83,21 +83,24 @@ def test_pipeline_stamps_when_the_verdict_names_a_target(cifar_root, tmp_path, t
     assert run.repaired_path.is_file() and run.read_run()["summary"]["outcome"]["status"]
 
 
-def _verdict(family, targets=(0,), poisoned=True):
-    return {"poisoned": poisoned, "targets": list(targets), "family": family}
+def _verdict(family, targets=(0,), poisoned=True, mode=None):
+    mode = mode or ("all-to-one" if poisoned and targets else "none")
+    return {"poisoned": poisoned, "targets": list(targets), "family": family, "mode": mode}
 
 
 def test_plan_on_a_clean_label_verdict_subtracts_and_stamps():
     """Clean-label: every sample labelled with the target becomes clean (its label is right) with the
-    trigger subtracted, and the clean-label share is stamped; the suspects of other classes stay."""
+    trigger subtracted, and the clean-label share is stamped; the suspects of other classes stay suspects
+    under the paper's rule (outside_targets "unlearn") and are trained as clean by default."""
     x, y, poison = _patch_set()
     sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
     other_suspect = np.flatnonzero((y != 0) & ~poison)[:30]
     sub[other_suspect] = Subset.SUSPECT
-    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), RetrainConfig())
+    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), RetrainConfig(outside_targets="unlearn"))
     assert plan.target == 0 and plan.trigger is not None and plan.config.stamp == RetrainConfig().stamp_clean_label > 0
     assert (plan.unstamp == (y == 0)).all()
     assert (plan.subsets[y == 0] == Subset.CLEAN).all() and (plan.subsets[other_suspect] == Subset.SUSPECT).all()
+    assert (plan_trigger_repair(x, y, sub, _verdict("clean-label"), RetrainConfig()).subsets == Subset.CLEAN).all()
     assert (sub[poison] == Subset.SUSPECT).all()  # the caller's array is left as it was
     assert any("trained as clean" in n for n in plan.notes)
 
@@ -148,6 +151,50 @@ def test_plan_on_a_dirty_label_verdict_leaves_out_disputed_target_samples():
                        (_verdict("dirty-label"), RetrainConfig(), None),
                        (_verdict("dirty-label"), apply_preset(RetrainConfig(), "paper"), ref_pred)):
         assert (plan_trigger_repair(x, y, sub, v, cfg, rp).subsets == sub).all()
+
+
+def test_plan_spares_suspects_outside_the_named_targets():
+    """outside_targets: suspects labelled with no target class (clean samples, under an all-to-one
+    verdict) get the distillation term only ("distill") or are trained as clean ("clean"); the
+    target-labelled suspects are unlearnt as before; nothing changes under "unlearn" (the paper), on a
+    set judged clean or under an all-to-all verdict."""
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    hard = np.flatnonzero((y != 0) & ~poison)[:40]
+    sub[hard] = Subset.SUSPECT  # clean samples of other classes that the rank rule flagged
+    for family in ("dirty-label", "clean-label"):
+        plan = plan_trigger_repair(x, y, sub, _verdict(family), RetrainConfig(outside_targets="distill", stamp=0,
+                                                                                 stamp_clean_label=0,
+                                                                                 subtract_trigger=False))
+        assert (plan.subsets == sub).all()
+        assert not plan.unlearn[hard].any() and plan.unlearn[poison].all()
+        assert any("40 suspect samples labelled other than 0" in n for n in plan.notes)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(outside_targets="clean"))
+    assert (plan.subsets[hard] == Subset.CLEAN).all() and (plan.subsets[poison] == Subset.SUSPECT).all()
+    assert plan.unlearn is None and (sub[hard] == Subset.SUSPECT).all()  # the caller's array is left as it was
+    for v, cfg in ((_verdict("dirty-label"), RetrainConfig(outside_targets="unlearn")),
+                   (_verdict("dirty-label", poisoned=False), RetrainConfig(outside_targets="clean")),
+                   (_verdict("dirty-label", targets=(), mode="all-to-all"), RetrainConfig(outside_targets="clean"))):
+        plan = plan_trigger_repair(x, y, sub, v, cfg)
+        assert plan.unlearn is None and (plan.subsets == sub).all()
+
+
+def test_unlearn_mask_limits_the_unlearning_term():
+    """guided_losses: a suspect outside ``unlearn_mask`` adds to the distillation term only."""
+    import torch
+
+    from cgd.retrain import guided_losses
+
+    g = torch.Generator().manual_seed(0)
+    student, ref = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    susp = torch.tensor([False, False, True, True, True, True, False, False])
+    full = guided_losses(student, ref, y, susp, unlearn_floor=0.0)
+    mask = torch.tensor([True] * 4 + [False] * 4)  # suspects 2, 3 unlearnt; 4, 5 distilled only
+    part = guided_losses(student, ref, y, susp, unlearn_floor=0.0, unlearn_mask=mask)
+    logp = torch.log_softmax(student, 1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(full["unlearn"], logp[2:6].mean()) and torch.allclose(part["unlearn"], logp[2:4].mean())
+    assert torch.allclose(full["kl"], part["kl"]) and torch.allclose(full["ce"], part["ce"])
 
 
 def test_plan_without_one_named_target_says_why():

@@ -32,7 +32,8 @@ if sep:
     st.caption(f"Saved separation: clean {sep.get('clean', 0):,} · suspect {sep.get('suspect', 0):,} · unused "
                f"{sep.get('unused', 0):,} (σ1 = {sep.get('config', {}).get('sigma1')}, σ2 = {sep.get('config', {}).get('sigma2')}, "
                f"σ3 = {sep.get('config', {}).get('sigma3', 0.0)}). Clean samples are trained on (oversampled per class); suspect "
-               "ones get distillation from the reference plus unlearning of their labels.")
+               "ones get distillation from the reference plus unlearning of their labels (under a verdict naming the target, "
+               "by default only those labelled with it: the other classes' suspects are trained as clean).")
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters (labels here, defaults and help from cgd.config)
@@ -61,6 +62,12 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
     hp["drop_disputed"] = st.checkbox("Dirty-label: leave out target-class samples the reference assigns elsewhere",
                                       bool(cfg["drop_disputed"]), key="rt_drop_disputed",
                                       help=c.term("drop_disputed"), disabled=busy)
+    choices = list(cgd.flat_field("outside_targets").choices)
+    hp["outside_targets"] = st.selectbox(
+        "All-to-one verdict: suspects labelled with another class than the target", choices,
+        choices.index(cfg["outside_targets"]), key="rt_outside_targets", help=c.term("outside_targets"), disabled=busy,
+        format_func={"unlearn": "unlearn their labels (the paper)", "distill": "distillation only",
+                     "clean": "train them as clean"}.get)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
