@@ -144,33 +144,29 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     share = cfg.stamp_clean_label if clean_label else cfg.stamp
     subtract = cfg.subtract_trigger and clean_label
     plan = TriggerPlan(subsets=np.asarray(subsets), config=replace(cfg, stamp=0.0))
-    if (cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and v.get("targets")
-            and ref_pred is not None):
-        out = drop_disputed(plan.subsets, labels, ref_pred, v["targets"])
+    targets = v.get("targets") or []
+    names = ", ".join(str(int(t)) for t in targets)
+    if cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and targets and ref_pred is not None:
+        out = drop_disputed(plan.subsets, labels, ref_pred, targets)
         if out.any():
             plan.subsets = plan.subsets.copy()
             plan.subsets[out] = Subset.UNUSED
-            names = ", ".join(str(int(t)) for t in v["targets"])
             plan.notes.append(f"dirty-label: {int(out.sum())} clean-subset samples labelled {names} that the reference "
                               f"assigns to another class are left out of retraining")
-    if (cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one"
-            and v.get("targets")):
-        spare = outside_targets(plan.subsets, labels, v["targets"])
+    if cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
+        spare = outside_targets(plan.subsets, labels, targets)
         if spare.any():
-            names = ", ".join(str(int(t)) for t in v["targets"])
             if cfg.outside_targets == "clean":
                 plan.subsets = plan.subsets.copy()
                 plan.subsets[spare] = Subset.CLEAN
-                plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one "
-                                  f"attack's poisons all carry the target label) are trained as clean")
+                what = "are trained as clean"
             else:
                 plan.unlearn = ~spare
-                plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one "
-                                  f"attack's poisons all carry the target label) get the distillation term only, "
-                                  f"no unlearning")
+                what = "get the distillation term only, no unlearning"
+            plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one attack's "
+                              f"poisons all carry the target label) {what}")
     if share <= 0 and not subtract:
         return plan
-    targets = v.get("targets") or []
     if not v.get("poisoned") or len(targets) != 1:
         plan.notes.append("trigger estimate skipped: the verdict names no single target class")
         return plan
