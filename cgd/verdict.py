@@ -27,11 +27,13 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
 * ``joint`` -- (reference evidence + model evidence) / sqrt(2) in one class, each the larger of its
   two statistics and both positive: two independent sources each only moderately unusual (Blended
   at 5 % with target 2 on the demo: 3.5 and 3.8, joint 5.2).
-* ``relabel`` -- (reference evidence + the class-share z, capped at 4) / sqrt(2), where the class holds
+* ``relabel`` -- (reference evidence + the class-share z, capped at 5) / sqrt(2), where the class holds
   clearly more of the training set than of the test set (share z >= 3): the two signatures of
   relabelling, from independent sources (low-frequency at 5 % with target 9 on the demo: the reference
-  3.2, share 5.5, relabel 5.1; its trigger is optimised to look like the target, so the reference
-  doubts its poisons less than others').
+  3.2, share 5.5, relabel 5.8; its trigger is optimised to look like the target, so the reference
+  doubts its poisons less than others'; Blended at 3 % with target 6: 2.8 and 4.6, relabel 5.2). The
+  cap keeps a naturally imbalanced split from raising the alarm unless the reference also doubts
+  that class's training samples at z >= 2.1.
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
@@ -39,7 +41,10 @@ benchmark and the demo, poisoned ones 5.2-26.5; see bench/README.md). Several ho
 attack all-to-all; otherwise the class with the largest z is the target. The family follows from
 the class shares of the two splits: a target class holding more of the training set than of the
 test set received relabelled samples (dirty-label); one learnt fast with its share unchanged is
-clean-label. The poison count is estimated from the same excesses.
+clean-label; failing both, a class whose samples the reference rejects *and* the models learnt
+fast (``contradiction`` at the alarm threshold) is dirty-label too: at a low rate the relabelled
+samples are too few to shift the class share (BadNets at 1 % on the demo, target 4: 80 poisons,
+share z 1.6, contradiction 10.9). The poison count is estimated from the same excesses.
 
 Runs scored before the test split's logits were kept are judged across classes only (each class
 against the median class, robust z), with the higher :attr:`VerdictConfig.threshold_uncalibrated`.
@@ -58,7 +63,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 7
+VERDICT_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -251,11 +256,11 @@ def _joint_z(z: dict[str, np.ndarray]) -> np.ndarray:
 
 # class-share z at which a class counts as holding relabelled samples, and the most it adds to ``relabel``:
 # a class-share shift alone can be natural (a test split balanced differently from the training set)
-SHARE_Z_MIN, SHARE_Z_CAP = 3.0, 4.0
+SHARE_Z_MIN, SHARE_Z_CAP = 3.0, 5.0
 
 
 def _relabel_z(z: dict[str, np.ndarray], z_share: np.ndarray) -> np.ndarray:
-    """Per class: (reference evidence + min(class-share z, 4)) / sqrt(2) where the class holds more of the
+    """Per class: (reference evidence + min(class-share z, 5)) / sqrt(2) where the class holds more of the
     training set than of the test set (share z >= 3) and the reference doubts its training samples
     (max(disagreement, ref_shift) > 0); -inf elsewhere. The two signatures of relabelling, from
     independent sources (counts and the reference's NLLs); capping the share keeps a naturally
@@ -360,6 +365,10 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     elif max(z["fast_learning"][target], z["fit_shift"][target]) >= cfg.threshold / 2:
         family = "clean-label"
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
+    elif z["contradiction"][target] >= cfg.threshold:  # too few relabelled samples to shift the class share
+        family = "dirty-label"
+        est = int(round(max(0.0, float(extra[target]), float(tr["contradiction"][target] - tr["disagreement"][target]
+                                                             * tr["fast_learning"][target] / max(tr["n"][target], 1)))))
     else:
         family, est = "undetermined", 0
     if family == "undetermined" and best in ("disagreement", "ref_shift"):

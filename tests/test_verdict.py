@@ -66,6 +66,21 @@ def test_dirty_label_poisons_learnt_slowly_still_raise_the_alarm():
     assert v.poisoned and v.targets == [0] and v.family == "dirty-label" and not v.caveat
 
 
+def test_a_few_dirty_label_poisons_are_named_dirty_label_without_a_class_share_shift():
+    """At a low rate (40 relabelled samples: 0.8 % of the set) the target class holds hardly more of the
+    training set than of the test set (share z < 1), but its samples are both rejected by the reference
+    and learnt fast (the contradiction): dirty-label, with about that many poisons (BadNets at 1 % on the
+    demo: share z 1.6, contradiction 10.9; before verdict v8, "undetermined")."""
+    cn, mn, y, test, rng = _scores()
+    y, idx = _relabel(y, rng, 40)
+    cn[idx] += 6.0
+    mn[idx] = rng.exponential(0.01, len(idx))
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.targets == [0] and v.family == "dirty-label", v.evidence
+    assert v.evidence["class_share"]["z"] < 3 and v.evidence["contradiction"]["z"] >= VerdictConfig().threshold
+    assert 20 <= v.estimated_poisons <= 80
+
+
 def test_clean_label_poisons_are_named_as_such():
     cn, mn, y, test, rng = _scores()
     zero = np.flatnonzero(y == 0)
@@ -159,6 +174,10 @@ def test_relabel_evidence_needs_a_share_shift_and_the_reference():
     assert r[1] == -np.inf  # share z 2.5: not clearly relabelled
     np.testing.assert_allclose(r[2], (9.0 + SHARE_Z_CAP) / np.sqrt(2))
     assert r[3] == -np.inf  # the reference has no doubt about the class: imbalance alone
+    # however imbalanced, a class needs the reference's doubt at z >= 2.1 to reach the alarm through this statistic
+    doubt = {"disagreement": np.array([2.0, 2.2]), "ref_shift": np.array([0.0, 0.0])}
+    r = _relabel_z(doubt, np.array([40.0, 40.0]))
+    assert r[0] < VerdictConfig().threshold <= r[1]
     # the whole verdict: 60 % more class-5 training samples than the test split's share, drawn like the rest
     cn, mn, y, test, rng = _scores()
     extra = np.flatnonzero(y == 5)[:300]
