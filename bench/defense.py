@@ -161,10 +161,15 @@ def verdict_columns(v: dict, attack: str | None) -> dict:
 def check_targets(row: dict) -> str:
     """The issue's targets for one row: "met" or "missed: ..." naming each missed one.
 
-    Every row: CA drop <= 1.0 point. Attack rows: ASR after < 2 %. Dirty-label attacks: suspect TPR >= 95 %.
+    Every row: CA drop <= 1.0 point. Attack rows: ASR after at most the never-poisoned model's ASR on the
+    same triggers (``asr_clean_model``) + 2 points (issue 16), or below 2 % where that model was not
+    measured. Dirty-label attacks: suspect TPR >= 95 % (issue 6).
     """
     miss = []
-    if row.get("category") != "clean" and not row["asr_after"] < 2.0:
+    base = row.get("asr_clean_model", float("nan"))
+    known = isinstance(base, (int, float)) and math.isfinite(base)
+    asr_ok = row["asr_after"] <= base + 2.0 if known else row["asr_after"] < 2.0
+    if row.get("category") != "clean" and not asr_ok:
         miss.append("ASR")
     if not row["ca_drop"] <= 1.0:
         miss.append("CA drop")
@@ -318,6 +323,7 @@ def main(argv=None) -> int:
                 row = one_row(ds, atk, seed, args, ref_spec, work)
                 clean_run = work / f"{ds}-clean-s{seed}"
                 row["asr_clean_model"] = natural_asr(clean_run, work / f"{ds}-{atk}-s{seed}", args.device) if atk else float("nan")
+                row["targets"] = check_targets(row)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
                 with open(out / "rows.jsonl", "a") as f:

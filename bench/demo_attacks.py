@@ -35,7 +35,9 @@ def _r(x, nd=2):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
-def row(run_dir: Path, attack: str, variant: dict, seconds: float, target: int = 0) -> dict:
+def row(run_dir: Path, attack: str, variant: dict, seconds: float, target: int | None = 0) -> dict:
+    """One JSON row of a finished run; ``target`` None = an all-to-all attack (then "target_named" says whether
+    the verdict read the attack as all-to-all)."""
     from cgd.runs import RunDir
 
     run = RunDir(run_dir)
@@ -44,9 +46,10 @@ def row(run_dir: Path, attack: str, variant: dict, seconds: float, target: int =
     v = run.read_verdict() or {}
     det = (run.read_separation() or {}).get("detection") or {}
     before, after = s.get("before") or {}, s.get("after") or {}
+    named = None if attack == "none" else (v.get("targets") == [target] if target is not None else v.get("mode") == "all-to-all")
     return {"attack": attack, "variant": variant, "verdict": "poisoned" if v.get("poisoned") else "clean",
-            "verdict_score": _r(v.get("score"), 1), "targets": v.get("targets"), "target_named": (v.get("targets") == [target])
-            if attack != "none" else None, "family": v.get("family"), "mode": v.get("mode"),
+            "verdict_score": _r(v.get("score"), 1), "targets": v.get("targets"), "target_named": named,
+            "family": v.get("family"), "mode": v.get("mode"),
             "estimated_poisons": v.get("estimated_poisons"), "true_poisons": det.get("n_poison"),
             "det_tpr": _r(100 * det["suspect"]["tpr"], 1) if det.get("suspect") else None,
             "det_fpr": _r(100 * det["suspect"]["fpr"], 1) if det.get("suspect") else None,
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--poison-rate", type=float, default=0.1, help="share of the training set poisoned (default 0.1)")
     ap.add_argument("--target", type=int, default=0, help="the attack's target class (default 0)")
+    ap.add_argument("--all-to-all", action="store_true", help="poison all-to-all (label y -> y + 1 mod K) instead of "
+                    "all-to-one; --target is then unused")
     ap.add_argument("--out", default="bench/results/demo-attacks")
     args = ap.parse_args(argv)
     import subprocess
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
     for attack in [a.strip() for a in args.attacks.split(",") if a.strip()]:
         atk = {} if attack == "none" else {"attack": attack, "poison_rate": args.poison_rate, "target": args.target}
         other = "" if (args.poison_rate, args.target) == (0.1, 0) or attack == "none" else f"-r{args.poison_rate:g}-t{args.target}"
+        if args.all_to_all and attack != "none":
+            atk["attack_params"] = {"all_to_all": True}
+            other = f"-r{args.poison_rate:g}-all2all"
         run_dir = out / "runs" / f"{attack}{other}-s{args.seed}"
         cfg = demo.run_config(str(run_dir), attack=atk, seed=args.seed)
         for variant in ([] if args.skip_default else [{}]) + variants:
@@ -93,7 +101,7 @@ def main(argv=None) -> int:
                     continue  # stamping needs one named target: this variant would repeat the default
             t0 = time.perf_counter()
             run_pipeline(cfg.updated(variant) if variant else cfg, progress_bars=False)
-            r = row(run_dir, attack, variant, time.perf_counter() - t0, args.target)
+            r = row(run_dir, attack, variant, time.perf_counter() - t0, None if args.all_to_all else args.target)
             with open(rows_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)

@@ -32,6 +32,10 @@ def test_targets_name_each_miss(defense):
     assert defense.check_targets(_row(category="clean", asr_after=math.nan, det_tpr=math.nan, ca_drop=-0.3)) == "met"
     assert defense.check_targets(_row(category="clean", asr_after=math.nan, det_tpr=math.nan, ca_drop=1.2)) == "missed: CA drop"
     assert defense.check_targets(_row(asr_after=math.nan)) == "missed: ASR"  # a missing measurement is not a pass
+    # with the never-poisoned model's ASR on the same triggers measured, the target is that + 2 points (issue 16)
+    assert defense.check_targets(_row(asr_after=5.6, asr_clean_model=3.6)) == "met"
+    assert defense.check_targets(_row(asr_after=5.7, asr_clean_model=3.6)) == "missed: ASR"
+    assert defense.check_targets(_row(asr_after=1.9, asr_clean_model=math.nan)) == "met"
 
 
 def test_aggregate_mean_spread_and_table(defense, tmp_path):
