@@ -283,6 +283,12 @@ def _association_z(tr: dict, ok: np.ndarray) -> np.ndarray:
     return z
 
 
+def _contradiction_excess(tr: dict) -> np.ndarray:
+    """Per class (K,): training samples both very unlikely and learnt very fast, beyond the count that
+    independence gives (unlikely x fast / n); about how many dirty-label poisons the class holds."""
+    return tr["contradiction"] - tr["disagreement"] * tr["fast_learning"] / np.maximum(tr["n"], 1)
+
+
 def _share_z(tr: dict, te: dict) -> tuple[np.ndarray, np.ndarray]:
     """(extra training samples per class beyond the test split's class shares, its z-score): a class
     that holds more of the training set than of the test set received relabelled samples."""
@@ -355,8 +361,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     dirty_z = np.maximum(z["contradiction"], _excess_z(tr, te, "disagreement", ok, centred=True)[1])
     hot = np.flatnonzero(dirty_z >= cfg.threshold / 2)
     if len(hot) > max(2, num_classes // 3):  # poisons under many labels: all-to-all
-        est = int(round(max(0.0, float(tr["contradiction"][hot].sum() - (tr["disagreement"] * tr["fast_learning"]
-                                                                          / np.maximum(tr["n"], 1))[hot].sum()))))
+        est = int(round(max(0.0, float(_contradiction_excess(tr)[hot].sum()))))
         return Verdict(True, score, cfg.threshold, [], "all-to-all", "dirty-label", est, evidence, quad_share)
     target = int(np.argmax(z[best]))
     evidence["class_share"] = {"class": target, "z": float(z_share[target]), "extra_samples": float(extra[target])}
@@ -367,8 +372,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
     elif z["contradiction"][target] >= cfg.threshold:  # too few relabelled samples to shift the class share
         family = "dirty-label"
-        est = int(round(max(0.0, float(extra[target]), float(tr["contradiction"][target] - tr["disagreement"][target]
-                                                             * tr["fast_learning"][target] / max(tr["n"][target], 1)))))
+        est = int(round(max(0.0, float(extra[target]), float(_contradiction_excess(tr)[target]))))
     else:
         family, est = "undetermined", 0
     if family == "undetermined" and best in ("disagreement", "ref_shift"):
