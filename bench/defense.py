@@ -112,9 +112,10 @@ def _preset(args):
 
 def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, work: Path) -> dict:
     spec = dataset_spec(dataset)
-    out = work / f"{dataset}-{attack or 'clean'}-s{seed}"
+    out = work / run_name(dataset, attack, seed, args.all_to_all)
     cfg = RunConfig.from_flat(data=spec, out=str(out), device=args.device, seed=seed, subset=args.subset,
                     attack=attack, poison_rate=args.poison_rate, target=0,
+                    attack_params={"all_to_all": True} if args.all_to_all and attack else {},
                     reference=ref_spec, pretrained=args.pretrained, checkpoint=args.checkpoint,
                     arch=args.arch, train_epochs=args.victim_epochs, train_lr=args.victim_lr,
                     suspicious_runs=args.suspicious_runs, suspicious_epochs=args.suspicious_epochs,
@@ -128,7 +129,9 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
     sep = json.loads((out / "separation.json").read_text())
     det = sep.get("detection", {})
     row = {
-        "dataset": dataset, "attack": attack or "none (clean)", "seed": seed, "reference": ref_spec.split(":")[0] if ref_spec.startswith("classifier") else ref_spec,
+        "dataset": dataset,
+        "attack": (f"{attack} (all-to-all)" if args.all_to_all else attack) if attack else "none (clean)",
+        "seed": seed, "reference": ref_spec.split(":")[0] if ref_spec.startswith("classifier") else ref_spec,
         "ca_before": s["before"]["ca"], "asr_before": s["before"]["asr"],
         "ca_after": s["after"]["ca"], "asr_after": s["after"]["asr"], "ra_after": s["after"]["ra"],
         "ca_drop": s["before"]["ca"] - s["after"]["ca"],
@@ -142,7 +145,7 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
         **{f"t_{k}": v["seconds"] for k, v in info["stages"].items()},
         "category": attacks.REGISTRY[attack].category if attack else "clean", "preset": args.preset,
         "flip": "on" if cfg.flips(json.loads((out / layout.CLASSES_JSON).read_text())) else "off",
-        **verdict_columns(info.get("verdict") or {}, attack), "outcome": (s.get("outcome") or {}).get("status", "-"),
+        **verdict_columns(info.get("verdict") or {}, attack, args.all_to_all), "outcome": (s.get("outcome") or {}).get("status", "-"),
     }
     row["targets"] = check_targets(row)
     if not args.keep_runs:
@@ -150,10 +153,21 @@ def one_row(dataset: str, attack: str | None, seed: int, args, ref_spec: str, wo
     return row
 
 
-def verdict_columns(v: dict, attack: str | None) -> dict:
-    """The audit verdict's columns: verdict, its score, whether it named the target (class 0; '-' on a
-    clean row), the family and the estimated poison count."""
-    named = "-" if not attack else ("yes" if v.get("targets") == [0] else "no")
+def run_name(dataset: str, attack: str | None, seed: int, all_to_all: bool = False) -> str:
+    """A row's run folder name: ``{dataset}-{attack}[-all2all]-s{seed}`` (``clean`` for the clean row)."""
+    return f"{dataset}-{attack or 'clean'}{'-all2all' if all_to_all and attack else ''}-s{seed}"
+
+
+def verdict_columns(v: dict, attack: str | None, all_to_all: bool = False) -> dict:
+    """The audit verdict's columns: verdict, its score, whether it named the target (class 0, or for an
+    all-to-all attack whether the verdict read it as all-to-all; '-' on a clean row), the family and the
+    estimated poison count."""
+    if not attack:
+        named = "-"
+    elif all_to_all:
+        named = "yes" if v.get("mode") == "all-to-all" else "no"
+    else:
+        named = "yes" if v.get("targets") == [0] else "no"
     return {"verdict": "poisoned" if v.get("poisoned") else "clean", "verdict_score": float(v.get("score", float("nan"))),
             "target_named": named, "family": v.get("family", "-"), "est_poisons": v.get("estimated_poisons", 0)}
 
@@ -266,6 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--subset", type=int, default=None, help="first N per split after a seeded shuffle")
     p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--all-to-all", action="store_true", help="poison all-to-all (label y -> y + 1 mod K) instead of "
+                                                             "all-to-one with target 0; run folders end in -all2all")
     p.add_argument("--reference", default="classifier", help="'classifier' (trusted split) or clip:MODEL")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--checkpoint", default=None)
@@ -322,7 +338,8 @@ def main(argv=None) -> int:
             for atk in plan:
                 row = one_row(ds, atk, seed, args, ref_spec, work)
                 clean_run = work / f"{ds}-clean-s{seed}"
-                row["asr_clean_model"] = natural_asr(clean_run, work / f"{ds}-{atk}-s{seed}", args.device) if atk else float("nan")
+                row["asr_clean_model"] = (natural_asr(clean_run, work / run_name(ds, atk, seed, args.all_to_all), args.device)
+                                          if atk else float("nan"))
                 row["targets"] = check_targets(row)
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)

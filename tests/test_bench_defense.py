@@ -97,3 +97,12 @@ def test_defense_quick_end_to_end(tmp_path):
     assert bad["seconds"] == pytest.approx(sum(v for k, v in bad.items() if k.startswith("t_")), rel=1e-6)
     md = (out / "defense.md").read_text()
     assert "| cifar10 | badnets | classifier |" in md and "sigma1/2/3 0.2/0.1/0.1" in md
+
+
+def test_all_to_all_rows_are_named_apart_and_judged_on_the_mode(defense):
+    assert defense.run_name("cifar10", "badnets", 1, all_to_all=True) == "cifar10-badnets-all2all-s1"
+    assert defense.run_name("cifar10", None, 1, all_to_all=True) == "cifar10-clean-s1"  # the clean row is shared
+    # an all-to-all row's "target named" is whether the verdict read the attack as all-to-all
+    assert defense.verdict_columns({"poisoned": True, "mode": "all-to-all", "targets": []}, "badnets", True)["target_named"] == "yes"
+    assert defense.verdict_columns({"poisoned": True, "mode": "all-to-one", "targets": [0]}, "badnets", True)["target_named"] == "no"
+    assert defense.verdict_columns({"poisoned": True, "mode": "all-to-one", "targets": [0]}, "badnets")["target_named"] == "yes"
