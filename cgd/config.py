@@ -246,6 +246,10 @@ class RetrainConfig(_Config):
     stamp_gain: float = opt(1.0, "stamped trigger's amplitude: each stamp is scaled by a factor drawn uniformly from "
                                  "[1, stamp_gain] (attacks such as Narcissus add a stronger trigger at test time)",
                             lo=1.0, hi=10.0, pre=1.0)
+    stamp_gain_clean_label: float = opt(1.0, "when the verdict says clean-label: half of the stamps are scaled by a factor "
+                                             "drawn uniformly from [1, stamp_gain_clean_label] instead (Narcissus "
+                                             "multiplies its trigger by 3 at test time); the other half keep "
+                                             "[1, stamp_gain]", lo=1.0, hi=10.0, pre=1.0)
     subtract_trigger: bool = opt(True, "when the verdict says clean-label: train the target class's samples as clean "
                                        "(their labels are right) with the estimated trigger subtracted, instead of "
                                        "unlearning their labels (the paper: off)", pre=False)

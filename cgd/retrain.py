@@ -144,8 +144,8 @@ def guided_retrain(
 
     trigger, target: an estimated additive trigger (H, W, 3) in pixel units (:func:`cgd.trigger.estimate_trigger`)
     and the class it targets: with ``cfg.stamp > 0`` that share of the clean samples of other classes
-    gets the trigger added (scaled by a factor drawn from [1, ``cfg.stamp_gain``]), labelled with their
-    own class, so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger
+    gets the trigger added (scaled by a factor drawn from [1, ``cfg.stamp_gain``]; for a random half of
+    them from [1, ``cfg.stamp_gain_clean_label``] when the two differ), labelled with their own class, so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger
     is subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
     unlearn_mask: (N,) bool, the suspect samples whose labels are unlearnt (default: every one; the
     others get the distillation term only; :func:`cgd.trigger.plan_trigger_repair`).
@@ -227,7 +227,12 @@ def guided_retrain(
             xb = u8_to_float(xb, cfg.channels_last)
             if stamping:  # the estimated trigger on clean samples of other classes, which keep their own labels
                 hit = (~is_susp[sel]) & (y_all[idx] != target) & (torch.rand(len(sel), device=dev, generator=gen_dev) < cfg.stamp)
-                gain = 1.0 + (cfg.stamp_gain - 1.0) * torch.rand(len(sel), 1, 1, 1, device=dev, generator=gen_dev)
+                top = cfg.stamp_gain
+                u = torch.rand(len(sel), 1, 1, 1, device=dev, generator=gen_dev)
+                if cfg.stamp_gain_clean_label != cfg.stamp_gain:  # half the stamps get the other range
+                    half = torch.rand(len(sel), 1, 1, 1, device=dev, generator=gen_dev) < 0.5
+                    top = torch.where(half, cfg.stamp_gain_clean_label, cfg.stamp_gain)
+                gain = 1.0 + (top - 1.0) * u
                 xb = torch.where(hit[:, None, None, None], (xb + gain * delta).clamp_(0.0, 1.0), xb)
             with autocast(dev, prec):
                 out = model(xb)

@@ -176,9 +176,16 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     if delta is None:
         plan.notes.append(f"trigger estimate skipped: too few suspect samples labelled {target}")
         return plan
-    plan.trigger, plan.target, plan.config = delta, target, replace(cfg, stamp=float(share))
+    # the clean-label gain range applies to half of the stamps under a clean-label verdict only
+    hi = cfg.stamp_gain_clean_label if clean_label else cfg.stamp_gain
+    plan.trigger, plan.target = delta, target
+    plan.config = replace(cfg, stamp=float(share), stamp_gain_clean_label=float(hi))
     if share > 0:
-        gain = f", scaled x1-{cfg.stamp_gain:g}" if cfg.stamp_gain > 1 else ""
+        if hi == cfg.stamp_gain:
+            gain = f", scaled x1-{hi:g}" if hi > 1 else ""
+        else:
+            rest = f"x1-{cfg.stamp_gain:g}" if cfg.stamp_gain > 1 else "unscaled"
+            gain = f", half of them scaled x1-{hi:g} and half {rest}"
         plan.notes.append(f"stamping the estimated trigger (target {target}) on {share:.0%} of the clean samples of other "
                           f"classes{gain}" + (" (the verdict says clean-label)" if clean_label else ""))
     if subtract:

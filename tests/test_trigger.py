@@ -243,3 +243,52 @@ def test_retraining_sees_the_subtracted_and_stamped_images():
         stamped = px[(px > g + 19.99) & (px < g + 40.01)]
         assert near(g).sum() + len(stamped) == n // 3
         assert 0 < len(stamped) < n // 3 and stamped.max() > g + 22
+
+
+def test_clean_label_gain_range_reaches_half_the_stamps_under_a_clean_label_verdict_only():
+    """stamp_gain_clean_label: under a clean-label verdict the plan keeps it (half of the stamps get that
+    range); under a dirty-label verdict it is set to stamp_gain, so every stamp gets [1, stamp_gain]."""
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    cfg = RetrainConfig(stamp_gain=1.0, stamp_gain_clean_label=3.0)
+    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), cfg)
+    assert plan.config.stamp_gain == 1.0 and plan.config.stamp_gain_clean_label == 3.0
+    assert any("half of them scaled x1-3 and half unscaled" in n for n in plan.notes)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), cfg)
+    assert plan.config.stamp_gain == plan.config.stamp_gain_clean_label == 1.0
+    assert not any("scaled" in n for n in plan.notes)
+
+
+def test_retraining_scales_half_the_stamps_by_the_clean_label_range():
+    """With stamp_gain 1 and stamp_gain_clean_label 3, about half of the stamped images get the trigger
+    exactly once (+20) and the rest + 20 x a gain in [1, 3] (up to +60)."""
+    import torch
+
+    from cgd.retrain import guided_retrain
+
+    class Seen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 2)
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().float().clone())
+            return self.fc(x.flatten(1))
+
+    n = 400
+    y = np.arange(n) % 2
+    x = np.where(y[:, None, None, None] == 0, 30, 100).astype(np.uint8) * np.ones((n, 8, 8, 3), np.uint8)
+    m = Seen()
+    cfg = RetrainConfig(epochs=1, min_batches=0, max_batches=1, batch_size=n, augment=False, precision="fp32",
+                        channels_last=False, stamp=1.0, stamp_gain=1.0, stamp_gain_clean_label=3.0, log_every=0)
+    list(guided_retrain(m, x, y, np.arange(n), np.zeros(0, np.int64), np.zeros((n, 2), np.float32),
+                        lambda _: {"ca": 50.0, "asr": 0.0, "ra": 0.0}, cfg, "cpu",
+                        trigger=np.full((8, 8, 3), 20.0, np.float32), target=0))
+    px = m.seen[0].mean(dim=(1, 2, 3)).numpy() * 255
+    other = px[px > 99]  # class 1 (grey 100), every one stamped
+    assert len(other) == n // 2
+    once = np.abs(other - 120) < 0.01
+    assert 0.3 < once.mean() < 0.7  # about half exactly once ...
+    rest = other[~once]
+    assert rest.min() > 120 and rest.max() <= 160.01 and rest.max() > 140  # ... the rest scaled by up to 3
