@@ -217,7 +217,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     s = load_dataset(args.data, args.split)
     s.images = np.array(s.images)  # training holds the set in memory anyway (the loader may memory-map it)
-    info: dict = {"data": args.data, "split": args.split}
+    # the split's fingerprint lets a run recognise these images wherever the dataset lies later (cgd.rundata)
+    info: dict = {"data": args.data, "split": args.split, "split_fingerprint": s.fingerprint()}
     if args.trusted_fraction is not None:
         if not 0 < args.trusted_fraction <= 1:
             raise SystemExit("cgd train: --trusted-fraction must lie in (0, 1]")

@@ -139,8 +139,16 @@ def _drop_reference_training_images(cfg: RunConfig, test: ImageSet | None) -> tu
     from .models import read_checkpoint_meta
 
     tr_on = read_checkpoint_meta(cfg.reference.target).get("trained_on") or {}
-    if test is None or tr_on.get("data") != cfg.data or tr_on.get("split") != "test":
+    if test is None or tr_on.get("split") != "test" or not tr_on.get("indices"):
         return test, None
+    if tr_on.get("data") != cfg.data:
+        # the same images under another path (a copied or moved dataset) are recognised by their fingerprint
+        if not tr_on.get("split_fingerprint"):
+            return test, (f"the reference classifier was trained on test images of {tr_on.get('data')}, not of {cfg.data}; "
+                          "no test images were excluded (its checkpoint records no fingerprint to recognise them by: "
+                          "if this is the same dataset moved elsewhere, retrain the reference with this version's `cgd train`)")
+        if tr_on["split_fingerprint"] != test.fingerprint():
+            return test, None
     used = np.asarray(tr_on.get("indices", []), np.int64)
     if len(used) and (used.min() < 0 or used.max() >= len(test)):
         raise DatasetError(f"{cfg.reference.target}: its recorded trusted indices do not fit the {len(test)} test images of {cfg.data}")

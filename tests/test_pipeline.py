@@ -166,3 +166,39 @@ def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
     assert cfg("--preset", "paper", "--sigma3", "0.2").separation_config().sigma3 == 0.2
     assert cfg().retrain_config().patience == 2 and cfg("--preset", "paper").retrain_config().patience == 1
     assert cfg("--patience", "4").retrain_config().patience == 4
+
+
+def test_reference_training_images_are_excluded_wherever_the_dataset_lies(synthetic_set, tmp_path):
+    """A reference trained on half of a test split keeps those images out of evaluation also when the
+    dataset was copied to another path (matched by the split's fingerprint); an older checkpoint
+    without the fingerprint says plainly that nothing was excluded; another dataset is left alone."""
+    import shutil
+
+    from cgd.config import RunConfig
+    from cgd.data import save_npz
+    from cgd.rundata import prepare_dataset
+
+    a = save_npz(tmp_path / "a" / "set.npz", synthetic_set.subset(np.arange(120)), synthetic_set.subset(np.arange(120, 200)))
+    ref = tmp_path / "ref.safetensors"
+    assert main(["train", "--data", f"npz:{a}", "--split", "test", "--trusted-fraction", "0.5", "--arch", "tiny-cnn",
+                 "--epochs", "1", "--device", "cpu", "--out", str(ref), "--quiet"]) == 0
+    b = tmp_path / "b" / "moved.npz"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+
+    def prepared(path):
+        cfg = RunConfig.from_flat(data=f"npz:{path}", reference=f"classifier:{ref}", out=str(tmp_path / "run"))
+        return prepare_dataset(cfg)
+
+    for path in (a, b):
+        p = prepared(path)
+        assert len(p.test) == 40 and any("excluded 40 test images" in n for n in p.notes), (path, p.notes)
+    other = save_npz(tmp_path / "c" / "other.npz", synthetic_set.subset(np.arange(80, 200)), synthetic_set.subset(np.arange(80)))
+    p = prepared(other)
+    assert len(p.test) == 80 and not any("excluded" in n for n in p.notes)
+    meta_path = ref.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["trained_on"]["split_fingerprint"]
+    meta_path.write_text(json.dumps(meta))
+    p = prepared(b)
+    assert len(p.test) == 80 and any("no test images were excluded" in n for n in p.notes)
