@@ -35,6 +35,12 @@ class's test samples, at cut-offs taken from the training set's tails (``tail``,
   cap keeps a naturally imbalanced split from raising the alarm unless the reference also doubts
   that class's training samples at z >= 2.1.
 
+Besides the per-class statistics, ``spread`` (:func:`_spread`): the reference rejects the training
+samples of more than max(2, K // 3) classes more often than their test samples, each at
+``disagreement`` z >= threshold / 2 -- relabelling over many labels (an all-to-all attack whose poisons
+the models do not learn fast, or label noise the test split does not share); its score is the
+Stouffer z of those classes' z.
+
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
 benchmark and the demo, poisoned ones 5.2-26.5; see bench/README.md). Several hot classes make the
@@ -63,7 +69,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 8
+VERDICT_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,12 @@ class Verdict:
         fam = {"dirty-label": "dirty-label (the reference disagrees with the poisoned samples' labels)",
                "clean-label": "clean-label (the labels look right, but the models learn these samples unusually fast)",
                "undetermined": "of undetermined kind"}.get(self.family, self.family)
+        spread = (self.evidence or {}).get("spread")
+        if self.mode == "all-to-all" and spread:
+            return (f"Poisoned, all-to-all: the reference rejects the training samples of {len(spread['classes'])} classes "
+                    f"far more often than their test samples (z >= {spread['z_min']:.1f} in each): relabelling over many "
+                    f"labels, an all-to-all attack or label noise the test split does not share; attack {fam}; about "
+                    f"{self.estimated_poisons:,} relabelled samples (score {self.score:.1f}, alarm at {self.threshold:.1f}).")
         if self.mode == "all-to-all":
             return (f"Poisoned, all-to-all: suspicious samples are spread over every label "
                     f"({100 * self.quadrant_share:.1f} % of the set in the contradiction quadrant); attack {fam}; "
@@ -353,7 +365,15 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     best = max(z, key=lambda k: np.max(z[k]))
     score = float(np.max(z[best])) if np.isfinite(np.max(z[best])) else 0.0
     quad_share = float(tr["contradiction"].sum() / max(tr["n"].sum(), 1))
+    spread = _spread(z["disagreement"], ok, num_classes, cfg)
+    if spread is not None:
+        evidence["spread"] = spread
+        spread_est = max(_rejected_excess(cn, y, cn_t, y_t, ok, t) for t in ESTIMATE_TAILS)
+        spread_verdict = Verdict(True, max(score, spread["z"]), cfg.threshold, [], "all-to-all", "dirty-label", spread_est,
+                                 evidence, quad_share)
     if score < cfg.threshold:
+        if spread is not None:
+            return spread_verdict
         return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share)
     # classes with dirty-label evidence of their own; the disagreement is taken over the median class's, since
     # one class's poisons filling the set's unlikely tail raise every class's rate a little (CIFAR-10 LC: 4 classes
@@ -376,12 +396,45 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     else:
         family, est = "undetermined", 0
     if family == "undetermined" and best in ("disagreement", "ref_shift"):
+        if spread is not None:  # not one class the reference fails on: many classes' training samples are rejected
+            return spread_verdict
         return Verdict(False, score, cfg.threshold, [], "none", "none", 0, evidence, quad_share, caveat=(
             f"Class {target}: the reference finds its training samples unlikely far more often than its test samples "
             f"(z {score:.1f}), but the class holds no more of the training set than of the test set and the models do "
             "not learn these samples fast; that is what a reference failing on this class gives, so it is not counted "
             "as poisoning. Check the class on the Inspect page."))
     return Verdict(True, score, cfg.threshold, [target], "all-to-one", family, est, evidence, quad_share)
+
+
+def _spread(z_dis: np.ndarray, ok: np.ndarray, k: int, cfg: VerdictConfig) -> dict | None:
+    """Relabelling spread over many labels (all-to-all): the reference rejects the training samples of
+    more than max(2, K // 3) classes more often than their test samples, each at ``disagreement`` z >=
+    threshold / 2. Returns those classes, the smallest of their z and the Stouffer z of the m =
+    max(2, K // 3) + 1 largest (at least threshold / 2 x sqrt(m), so at or above the alarm), or None.
+
+    One class alone is what a reference failing on it gives, and the count scales with K: CIFAR-10
+    BadNets all-to-all (10,000 images) has 7 of 10 classes at z 2.8-5.0; never-poisoned sets have at
+    most 6 of 43 (GTSRB, a reference trained on near-duplicates of its test split) and 0 of 10 (CIFAR-10,
+    the demo). Label noise that the test split does not share looks the same, and is reported so."""
+    m = max(2, k // 3) + 1
+    zs = np.where(ok, z_dis, -np.inf)
+    top = np.sort(zs)[::-1][:m]
+    if len(top) < m or not np.all(top >= cfg.threshold / 2):
+        return None
+    cls = np.flatnonzero(zs >= cfg.threshold / 2)
+    return {"classes": [int(c) for c in cls], "z_min": float(zs[cls].min()), "z": float(top.sum() / np.sqrt(m))}
+
+
+def _rejected_excess(cn: np.ndarray, y: np.ndarray, cn_t: np.ndarray, y_t: np.ndarray, ok: np.ndarray, tail: float) -> int:
+    """About how many training samples the reference rejects beyond what their classes' test samples give,
+    summed over the ``ok`` classes (signed, so the noise of classes without poisons cancels), at one tail:
+    per class, solving p_train = p_test (1 - e/n) + e/n for e (relabelled samples all beyond the cut)."""
+    cut = float(np.quantile(cn, 1 - tail))
+    e = 0.0
+    for c in np.flatnonzero(ok):
+        a, b = cn[y == c] > cut, cn_t[y_t == c] > cut
+        e += len(a) * (a.mean() - b.mean()) / max(1.0 - b.mean(), 1e-6)
+    return int(round(max(0.0, e)))
 
 
 def _fast_excess(cn, mn, y, mn_t, y_t, k: int, target: int, tail: float) -> int:

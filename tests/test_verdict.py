@@ -189,3 +189,35 @@ def test_relabel_evidence_needs_a_share_shift_and_the_reference():
     z_share = _share_z({"n": np.bincount(y2, minlength=K).astype(float)}, {"n": np.bincount(test[2], minlength=K).astype(float)})[1]
     assert z_share[5] >= 4  # clearly imbalanced ...
     assert not v.poisoned, v.evidence  # ... and still no alarm
+
+
+def test_all_to_all_learnt_slowly_is_found_by_the_spread_of_rejected_samples():
+    """All-to-all whose poisons the models do not learn fast (BadNets all-to-all on CIFAR-10 at 10,000
+    images: no contradiction anywhere, 7 of 10 classes' training samples rejected at z 2.8-5.0): the
+    reference rejecting the training samples of many classes more often than their test samples is
+    all-to-all relabelling, with about that many samples; one or two such classes are not."""
+    cn, mn, y, test, rng = _scores()
+    idx = rng.choice(len(y), 500, replace=False)
+    y = y.copy()
+    y[idx] = (y[idx] + 1) % K
+    cn[idx] += 6.0  # the reference sees their true class; the models learn them at the usual pace
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert v.poisoned and v.mode == "all-to-all" and v.targets == [] and v.family == "dirty-label", v.evidence
+    assert len(v.evidence["spread"]["classes"]) >= 4 and v.score >= VerdictConfig().threshold
+    assert 350 <= v.estimated_poisons <= 800, v.estimated_poisons  # about: the widest tails carry the test split's noise
+    assert "all-to-all" in v.sentence() and "label noise" in v.sentence()
+
+    # the same rejection in two classes only: a reference failing on them, no alarm
+    cn, mn, y, test, rng = _scores()
+    two = np.flatnonzero(np.isin(y, [3, 7]))
+    cn[rng.choice(two, 100, replace=False)] += 6.0
+    v = audit_verdict(cn, mn, y, K, test=test)
+    assert not v.poisoned and "spread" not in v.evidence
+
+
+def test_a_reference_a_little_surer_of_the_test_split_everywhere_raises_no_alarm():
+    """A reference slightly surer of every class's test samples (one trained on near-duplicates of the
+    test split) shifts every class a little; without a class far beyond the others it is no alarm."""
+    cn, mn, y, (cn_t, mn_t, y_t), _ = _scores()
+    v = audit_verdict(cn, mn, y, K, test=(0.9 * cn_t, mn_t, y_t))
+    assert not v.poisoned, v.evidence
