@@ -434,7 +434,7 @@ def _rejected_excess(cn: np.ndarray, y: np.ndarray, cn_t: np.ndarray, y_t: np.nd
     for c in np.flatnonzero(ok):
         a, b = cn[y == c] > cut, cn_t[y_t == c] > cut
         e += len(a) * (a.mean() - b.mean()) / max(1.0 - b.mean(), 1e-6)
-    return int(round(max(0.0, e)))
+    return max(0, round(e))
 
 
 def _fast_excess(cn, mn, y, mn_t, y_t, k: int, target: int, tail: float) -> int:
