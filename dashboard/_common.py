@@ -607,8 +607,9 @@ def verdict_card(run, classes: list[str], subset: np.ndarray | None = None) -> d
             a.metric("Target class", tgt if v.get("mode") != "all-to-all" else "all-to-all")
             b.metric("Attack family", v.get("family", "?"))
             c_.metric("Poisoned samples (estimate)", f"≈ {fmt_int(v.get('estimated_poisons'))}")
-            d.metric("Evidence score", f"{v.get('score', 0):.1f}", help=f"Largest robust z-score over classes; the alarm is "
-                     f"at {v.get('threshold', 0):.1f} (cgd.verdict). Clean sets stay below it.")
+            d.metric("Evidence score", f"{v.get('score', 0):.1f}", help=f"Largest robust z-score over classes (all-to-all: "
+                     f"the combined z of the classes involved); the alarm is at {v.get('threshold', 0):.1f} (cgd.verdict). "
+                     "Clean sets stay below it.")
             st.caption(v.get("summary", ""))
         else:
             st.markdown("#### :material/verified_user: No sign of poisoning")
