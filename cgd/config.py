@@ -204,6 +204,9 @@ class RetrainConfig(_Config):
       never-poisoned model: 2.3 %). The price is the target class's clean images that a weak reference
       gets wrong (about 250 of the demo's 800 airplanes): BadNets / Blended / Trojan on the demo CA after
       -1.0 / -0.3 / -1.1 points against the same runs without it, ASR 2.7 / 1.5 / 2.8 -> 2.1 / 1.0 / 2.4 %.
+      Under an all-to-all verdict every class is a target: CIFAR-10 BadNets all-to-all (10,000 images)
+      ASR after repair 10.5 -> 4.3 % (the victim 25.8 %, a never-poisoned model 2.0 %), CA 69.7 -> 68.0
+      (the victim 67.7), with 1,517 disputed clean-subset samples left out (66 of its 97 poisons).
     * ``outside_targets`` "clean" (the paper unlearns every suspect): under an all-to-one verdict every
       poison carries a target label, so the suspects labelled with another class are clean samples the
       rank rule flagged for being hard (or, on a never-poisoned set, simply the tails); they are trained
@@ -254,8 +257,8 @@ class RetrainConfig(_Config):
                                        "(their labels are right) with the estimated trigger subtracted, instead of "
                                        "unlearning their labels (the paper: off)", pre=False)
     drop_disputed: bool = opt(True, "when the verdict says dirty-label: leave out of the clean subset the samples "
-                                    "labelled with a target class that the reference assigns to another class (poisons "
-                                    "that slipped into the clean subset; the paper: off)", pre=False)
+                                    "labelled with a target class (all-to-all: any class) that the reference assigns to "
+                                    "another class (poisons that slipped into the clean subset; the paper: off)", pre=False)
     outside_targets: str = opt("clean", "what retraining does with suspect samples whose label is none of the target "
                                           "classes the verdict names (an all-to-one attack's poisons all carry a target "
                                           "label): unlearn = the paper's unlearning and distillation, distill = the "

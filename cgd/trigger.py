@@ -131,7 +131,8 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
     document (cgd.verdict) or None; ref_pred: (N,) the reference's predicted classes (needed by
     ``cfg.drop_disputed``). With ``cfg.drop_disputed`` and a dirty-label verdict naming targets, the
-    clean-subset samples of :func:`drop_disputed` are left out (Subset.UNUSED). The share stamped is
+    clean-subset samples of :func:`drop_disputed` are left out (Subset.UNUSED); under an all-to-all
+    verdict every class counts as a target. The share stamped is
     ``cfg.stamp_clean_label`` when the verdict says clean-label, else ``cfg.stamp``; with
     ``cfg.subtract_trigger`` and a clean-label verdict every sample labelled with the target is
     trained as clean with the trigger subtracted. Both need a verdict naming exactly one target and
@@ -146,12 +147,16 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     plan = TriggerPlan(subsets=np.asarray(subsets), config=replace(cfg, stamp=0.0))
     targets = v.get("targets") or []
     names = ", ".join(str(int(t)) for t in targets)
-    if cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and targets and ref_pred is not None:
-        out = drop_disputed(plan.subsets, labels, ref_pred, targets)
+    spread = v.get("mode") == "all-to-all"  # relabelled samples under every label: every class is a target
+    if (cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and (targets or spread)
+            and ref_pred is not None):
+        out = drop_disputed(plan.subsets, labels, ref_pred, np.unique(labels).tolist() if spread else targets)
         if out.any():
             plan.subsets = plan.subsets.copy()
             plan.subsets[out] = Subset.UNUSED
-            plan.notes.append(f"dirty-label: {int(out.sum())} clean-subset samples labelled {names} that the reference "
+            which = "all-to-all, " if spread else ""
+            labelled = "" if spread else f" labelled {names}"
+            plan.notes.append(f"dirty-label: {which}{int(out.sum())} clean-subset samples{labelled} that the reference "
                               f"assigns to another class are left out of retraining")
     if cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
         spare = outside_targets(plan.subsets, labels, targets)

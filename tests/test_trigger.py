@@ -292,3 +292,18 @@ def test_retraining_scales_half_the_stamps_by_the_clean_label_range():
     assert 0.3 < once.mean() < 0.7  # about half exactly once ...
     rest = other[~once]
     assert rest.min() > 120 and rest.max() <= 160.01 and rest.max() > 140  # ... the rest scaled by up to 3
+
+
+def test_plan_on_an_all_to_all_verdict_leaves_out_disputed_samples_of_every_class():
+    """All-to-all: relabelled samples sit under every label, so every class counts as a target; the
+    clean-subset samples the reference assigns to another class are left out, nothing is stamped."""
+    x, y, poison = _patch_set()
+    sub = np.full(len(y), Subset.CLEAN, np.int8)
+    ref_pred = y.copy()
+    disputed = np.flatnonzero(np.isin(y, [2, 5, 7]))[::4]
+    ref_pred[disputed] = (y[disputed] + 1) % 10
+    v = _verdict("dirty-label", targets=(), mode="all-to-all")
+    plan = plan_trigger_repair(x, y, sub, v, RetrainConfig(), ref_pred)
+    assert set(np.flatnonzero(plan.subsets == Subset.UNUSED)) == set(disputed)
+    assert plan.trigger is None and any(f"all-to-all, {len(disputed)} clean-subset samples" in n for n in plan.notes)
+    assert (plan_trigger_repair(x, y, sub, v, RetrainConfig(drop_disputed=False), ref_pred).subsets == sub).all()
