@@ -28,7 +28,7 @@ from .config import DEFAULT_PRETRAINED, RetrainConfig, RunConfig, SeparationConf
 from .export import export_indices
 from .rundata import RunData, load_run_data, prepare_dataset, source_signature, write_dataset
 from .runs import Reporter, RunDir, read_json, utcnow, write_json
-from .scores import compute_scores, read_subsets, subsets, write_scores
+from .scores import compute_scores, read_scores, read_subsets, subsets, write_scores
 from .scoring import check_finite_logits, classnames_templates, score_reference
 from .separation import Subset, detection_metrics, oversample_per_class
 
@@ -392,6 +392,12 @@ def _stage_separate(ctx: _Ctx, ref_key: str, susp_key: str) -> str:
     overrides = read_json(run.path(layout.OVERRIDES_JSON), {}) or {}
     key = _key("separate", ref_key, susp_key, _config_key(cfg.separation.to_dict()), overrides)
     if run.stage_done("separate", key, [layout.SCORES, layout.SEPARATION_JSON]):
+        from .verdict import VERDICT_VERSION
+
+        if (run.read_verdict() or {}).get("version") != VERDICT_VERSION:
+            # reused scores, but a verdict of another version: judge them again, so verdict.json and run.json
+            # (what `cgd run` prints and the benchmarks read) agree with the verdict retraining acts on
+            _write_verdict(ctx, read_scores(run))
         return key
     t0 = time.perf_counter()
     df = scores_table(run, cfg.separation)

@@ -484,6 +484,14 @@ def test_a_verdict_written_by_an_older_version_is_judged_again(verdict_runs, tmp
     write_json(run.path("verdict.json"), {**now, "version": 1, "poisoned": False, "targets": [], "summary": "stale"})
     again = current_verdict(run)
     assert again["poisoned"] and again["targets"] == [3] and again["summary"] != "stale"
+    # re-running a finished run (its scores reused) writes today's verdict into verdict.json and run.json
+    from cgd.pipeline import RunConfig, run_pipeline
+
+    run.update_run(verdict={**now, "version": 1, "summary": "stale"})
+    cfg = RunConfig.from_dict(run.read_run()["config"]).updated({"out": str(run.root)})
+    info = run_pipeline(cfg, stages=("data", "reference", "suspicious", "separate"), progress_bars=False)
+    assert info["verdict"]["version"] == VERDICT_VERSION and info["verdict"]["targets"] == [3]
+    assert run.read_verdict()["version"] == VERDICT_VERSION and run.read_verdict()["summary"] != "stale"
 
 
 def test_a_symlinked_run_folder_leading_outside_the_runs_root_is_never_offered(dash, tmp_path):
