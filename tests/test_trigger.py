@@ -207,36 +207,41 @@ def test_plan_without_one_named_target_says_why():
                                                               RetrainConfig()).notes)
 
 
-def test_retraining_sees_the_subtracted_and_stamped_images():
-    """guided_retrain takes the trigger off the ``unstamp`` samples (before augmentation, in pixel units)
-    and stamps it, scaled by [1, stamp_gain], on the given share of clean samples of other classes."""
+def _seen_model(k: int):
+    """A real linear classifier over 8x8 RGB images with ``k`` classes that also keeps the batches it was given."""
     import torch
 
-    from cgd.retrain import guided_retrain
-
-    class Seen(torch.nn.Module):  # a real linear classifier that also keeps the batches it was given
+    class Seen(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = torch.nn.Linear(3 * 8 * 8, 3)
+            self.fc = torch.nn.Linear(3 * 8 * 8, k)
             self.seen = []
 
         def forward(self, x):
             self.seen.append(x.detach().float().clone())
             return self.fc(x.flatten(1))
 
+    return Seen()
+
+
+def test_retraining_sees_the_subtracted_and_stamped_images():
+    """guided_retrain takes the trigger off the ``unstamp`` samples (before augmentation, in pixel units)
+    and stamps it, scaled by [1, stamp_gain], on the given share of clean samples of other classes."""
+    from cgd.retrain import guided_retrain
+
     n = 60
     y = np.arange(n) % 3
     grey = np.array([128, 200, 30])  # one grey level per class, so a seen image tells its class
     x = np.broadcast_to(grey[y][:, None, None, None], (n, 8, 8, 3)).astype(np.uint8).copy()
     delta = np.full((8, 8, 3), 20.0, np.float32)
-    m = Seen()
+    m = _seen_model(3)
     cfg = RetrainConfig(epochs=1, min_batches=0, max_batches=4, batch_size=n, augment=False, precision="fp32",
                         channels_last=False, stamp=0.5, stamp_gain=2.0, log_every=0)
     ev = guided_retrain(m, x, y, np.arange(n), np.zeros(0, np.int64), np.zeros((n, 3), np.float32),
                         lambda _: {"ca": 50.0, "asr": 0.0, "ra": 0.0}, cfg, "cpu", trigger=delta, target=0,
                         unstamp=(y == 0))
     list(ev)
-    px = torch.cat([b.mean(dim=(1, 2, 3)) for b in m.seen]).numpy() * 255  # each image is one grey level
+    px = np.concatenate([b.mean(dim=(1, 2, 3)).numpy() for b in m.seen]) * 255  # each image is one grey level
     near = lambda v: np.abs(px - v) < 0.01  # noqa: E731
     assert near(108).sum() == n // 3 and not near(128).any()  # the target class: 128 - 20, never unsubtracted
     for g in (200, 30):  # other classes: plain, or + 20 x a gain in [1, 2]
@@ -262,24 +267,12 @@ def test_clean_label_gain_range_reaches_half_the_stamps_under_a_clean_label_verd
 def test_retraining_scales_half_the_stamps_by_the_clean_label_range():
     """With stamp_gain 1 and stamp_gain_clean_label 3, about half of the stamped images get the trigger
     exactly once (+20) and the rest + 20 x a gain in [1, 3] (up to +60)."""
-    import torch
-
     from cgd.retrain import guided_retrain
-
-    class Seen(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3 * 8 * 8, 2)
-            self.seen = []
-
-        def forward(self, x):
-            self.seen.append(x.detach().float().clone())
-            return self.fc(x.flatten(1))
 
     n = 400
     y = np.arange(n) % 2
     x = np.where(y[:, None, None, None] == 0, 30, 100).astype(np.uint8) * np.ones((n, 8, 8, 3), np.uint8)
-    m = Seen()
+    m = _seen_model(2)
     cfg = RetrainConfig(epochs=1, min_batches=0, max_batches=1, batch_size=n, augment=False, precision="fp32",
                         channels_last=False, stamp=1.0, stamp_gain=1.0, stamp_gain_clean_label=3.0, log_every=0)
     list(guided_retrain(m, x, y, np.arange(n), np.zeros(0, np.int64), np.zeros((n, 2), np.float32),
@@ -297,7 +290,7 @@ def test_retraining_scales_half_the_stamps_by_the_clean_label_range():
 def test_plan_on_an_all_to_all_verdict_leaves_out_disputed_samples_of_every_class():
     """All-to-all: relabelled samples sit under every label, so every class counts as a target; the
     clean-subset samples the reference assigns to another class are left out, nothing is stamped."""
-    x, y, poison = _patch_set()
+    x, y, _ = _patch_set()
     sub = np.full(len(y), Subset.CLEAN, np.int8)
     ref_pred = y.copy()
     disputed = np.flatnonzero(np.isin(y, [2, 5, 7]))[::4]
