@@ -145,8 +145,9 @@ def guided_retrain(
     trigger, target: an estimated additive trigger (H, W, 3) in pixel units (:func:`cgd.trigger.estimate_trigger`)
     and the class it targets: with ``cfg.stamp > 0`` that share of the clean samples of other classes
     gets the trigger added (scaled by a factor drawn from [1, ``cfg.stamp_gain``]; for a random half of
-    them from [1, ``cfg.stamp_gain_clean_label``] when the two differ), labelled with their own class, so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger
-    is subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
+    them from [1, ``cfg.stamp_gain_clean_label``] when the two differ), labelled with their own class,
+    so the trigger stops predicting the target. unstamp: (N,) bool, the samples whose trigger is
+    subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
     unlearn_mask: (N,) bool, the suspect samples whose labels are unlearnt (default: every one; the
     others get the distillation term only; :func:`cgd.trigger.plan_trigger_repair`).
 

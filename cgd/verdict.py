@@ -39,7 +39,7 @@ Besides the per-class statistics, ``spread`` (:func:`_spread`): the reference re
 samples of more than max(2, K // 3) classes more often than their test samples, each at
 ``disagreement`` z >= threshold / 2 -- relabelling over many labels (an all-to-all attack whose poisons
 the models do not learn fast, or label noise the test split does not share); its score is the
-Stouffer z of those classes' z.
+Stouffer z of the max(2, K // 3) + 1 largest class z.
 
 The largest z over classes and statistics is the evidence score; the set is judged poisoned when
 it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2.5 on the defense
