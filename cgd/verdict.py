@@ -430,11 +430,15 @@ def _rejected_excess(cn: np.ndarray, y: np.ndarray, cn_t: np.ndarray, y_t: np.nd
     summed over the ``ok`` classes (signed, so the noise of classes without poisons cancels), at one tail:
     per class, solving p_train = p_test (1 - e/n) + e/n for e (relabelled samples all beyond the cut)."""
     cut = float(np.quantile(cn, 1 - tail))
-    e = 0.0
-    for c in np.flatnonzero(ok):
-        a, b = cn[y == c] > cut, cn_t[y_t == c] > cut
-        e += len(a) * (a.mean() - b.mean()) / max(1.0 - b.mean(), 1e-6)
+    e = sum(_solve_excess(float((y == c).sum()), float((cn[y == c] > cut).mean()), float((cn_t[y_t == c] > cut).mean()))
+            for c in np.flatnonzero(ok))
     return max(0, round(e))
+
+
+def _solve_excess(n: float, p_tr: float, p_te: float) -> float:
+    """How many of a class's ``n`` training samples carry an effect its test samples show at rate
+    ``p_te``, when the training samples show it at ``p_tr``: e from p_tr = p_te (1 - e/n) + e/n."""
+    return n * (p_tr - p_te) / max(1.0 - p_te, 1e-6)
 
 
 def _fast_excess(cn, mn, y, mn_t, y_t, k: int, target: int, tail: float) -> int:
@@ -444,7 +448,7 @@ def _fast_excess(cn, mn, y, mn_t, y_t, k: int, target: int, tail: float) -> int:
     p_tr = float((mn[y == target] < np.quantile(mn, tail)).mean()) if n else 0.0
     m_t = y_t == target
     p_te = float((mn_t[m_t] < np.quantile(mn_t, tail)).mean()) if m_t.any() else 0.0
-    return int(max(0.0, round(n * (p_tr - p_te) / max(1.0 - p_te, 1e-6))))
+    return max(0, round(_solve_excess(n, p_tr, p_te)))
 
 
 def _across_classes(clip_nll: np.ndarray, model_nll: np.ndarray, y: np.ndarray, num_classes: int,
