@@ -68,6 +68,11 @@ def test_a_failed_repair_says_so_and_suggests_something():
     one = {**dirty, "mode": "all-to-one"}
     o = repair_outcome(rows, done, paper, 100, 120, 20, verdict=one)["outcome"]
     assert any("--outside-targets clean" in t for t in o["suggestions"])
-    for cfg, v in ((RetrainConfig(epochs=3, min_batches=300), one), (paper, {**one, "mode": "all-to-all"})):
-        o = repair_outcome(rows, done, cfg, 100, 120, 20, verdict=v)["outcome"]
-        assert not any("--outside-targets" in t for t in o["suggestions"])
+    assert not any("--outside-targets unlearn" in t for t in o["suggestions"])
+    # where it is on (the default), going back to the paper's rule is suggested: the verdict may have read an
+    # all-to-all attack as all-to-one
+    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300), 100, 120, 20, verdict=one)["outcome"]
+    assert any("--outside-targets unlearn" in t for t in o["suggestions"])
+    assert not any("--outside-targets clean" in t for t in o["suggestions"])
+    o = repair_outcome(rows, done, paper, 100, 120, 20, verdict={**one, "mode": "all-to-all"})["outcome"]
+    assert not any("--outside-targets" in t for t in o["suggestions"])
