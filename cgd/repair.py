@@ -116,13 +116,14 @@ def _suggestions(status: str, rows: list[dict], done: dict, cfg: RetrainConfig, 
                        "samples with their own labels. On the demo poisoned with Trojan at 3 % (target 9) ASR after repair "
                        "fell from 42.2 % to 1.6 %, with Blended at 5 % (target 2) from 7.0 % to 1.4 %; it does not help "
                        "against warping triggers (WaNet; bench/README.md).")
-        if (verdict or {}).get("mode") == "all-to-one" and cfg.outside_targets != "clean":
+        one_target = (verdict or {}).get("mode") == "all-to-one"
+        if one_target and cfg.outside_targets != "clean":
             out.append("The verdict names the target, so suspects labelled with other classes are clean samples. Try "
                        "--outside-targets clean (the default; the paper unlearns them): the unlearning then acts on the "
                        "target-labelled suspects alone. On the demo poisoned with Trojan at 3 % (target 9, no stamp) ASR "
                        "after repair fell from 42.2 % to 0.6 %, with BPP at 5 % (target 3) from 8.2 % to 0.7 % "
                        "(bench/README.md).")
-        if (verdict or {}).get("mode") == "all-to-one" and cfg.outside_targets == "clean":
+        elif one_target:  # they were trained as clean: right only if the verdict named every target
             out.append("The suspects labelled with other classes were trained as clean, which is right only if every poison "
                        "carries the named target. If the reference also rejects many training samples of other classes (the "
                        "Inspect page's per-class view), the attack may relabel into several classes: try --outside-targets "
