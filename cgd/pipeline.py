@@ -429,7 +429,7 @@ def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "Tr
     """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
     from .trigger import plan_trigger_repair
 
-    ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if rcfg.drop_disputed else None
+    ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if rcfg.drop_disputed or rcfg.outside_targets == "agreed" else None
     plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred)
     for msg in plan.notes:
         ctx.emit({"kind": "note", "message": msg})

@@ -130,9 +130,12 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
 
     images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
     document (cgd.verdict) or None; ref_pred: (N,) the reference's predicted classes (needed by
-    ``cfg.drop_disputed``). With ``cfg.drop_disputed`` and a dirty-label verdict naming targets, the
-    clean-subset samples of :func:`drop_disputed` are left out (Subset.UNUSED); under an all-to-all
-    verdict every class counts as a target. The share stamped is
+    ``cfg.drop_disputed`` and ``cfg.outside_targets == "agreed"``, which acts as "clean" without it and
+    under a clean-label verdict).
+    With ``cfg.drop_disputed`` and a dirty-label verdict naming targets, the clean-subset samples of
+    :func:`drop_disputed` are left out (Subset.UNUSED); under an all-to-all verdict every class counts
+    as a target. Under an all-to-one verdict the suspects of :func:`outside_targets` are handled as
+    ``cfg.outside_targets`` says. The share stamped is
     ``cfg.stamp_clean_label`` when the verdict says clean-label, else ``cfg.stamp``; with
     ``cfg.subtract_trigger`` and a clean-label verdict every sample labelled with the target is
     trained as clean with the trigger subtracted. Both need a verdict naming exactly one target and
@@ -161,7 +164,15 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     if cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
         spare = outside_targets(plan.subsets, labels, targets)
         if spare.any():
-            if cfg.outside_targets == "clean":
+            # a relabelled poison is one the reference disputes; under a clean-label verdict every label is right
+            if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
+                plan.subsets = plan.subsets.copy()
+                disputed = spare & (np.asarray(ref_pred) != np.asarray(labels))
+                plan.subsets[spare & ~disputed] = Subset.CLEAN
+                plan.subsets[disputed] = Subset.UNUSED
+                what = (f"are trained as clean where the reference assigns them to their label; "
+                        f"{int(disputed.sum())} it assigns elsewhere are left out")
+            elif cfg.outside_targets in ("clean", "agreed"):
                 plan.subsets = plan.subsets.copy()
                 plan.subsets[spare] = Subset.CLEAN
                 what = "are trained as clean"

@@ -73,6 +73,12 @@ def test_a_failed_repair_says_so_and_suggests_something():
     # all-to-all attack as all-to-one
     o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300), 100, 120, 20, verdict=one)["outcome"]
     assert any("--outside-targets unlearn" in t for t in o["suggestions"])
+    assert any("--outside-targets agreed" in t for t in o["suggestions"])
     assert not any("--outside-targets clean" in t for t in o["suggestions"])
+    # under "agreed", only the paper's rule is left to suggest
+    o = repair_outcome(rows, done, RetrainConfig(epochs=3, min_batches=300, outside_targets="agreed"), 100, 120, 20,
+                       verdict=one)["outcome"]
+    assert any("--outside-targets unlearn" in t for t in o["suggestions"])
+    assert not any("--outside-targets clean" in t or "--outside-targets agreed" in t for t in o["suggestions"])
     o = repair_outcome(rows, done, paper, 100, 120, 20, verdict={**one, "mode": "all-to-all"})["outcome"]
     assert not any("--outside-targets" in t for t in o["suggestions"])

@@ -172,8 +172,20 @@ def test_plan_spares_suspects_outside_the_named_targets():
     plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(outside_targets="clean"))
     assert (plan.subsets[hard] == Subset.CLEAN).all() and (plan.subsets[poison] == Subset.SUSPECT).all()
     assert plan.unlearn is None and (sub[hard] == Subset.SUSPECT).all()  # the caller's array is left as it was
+    # "agreed": the ones the reference assigns to another class are left out, not trained as clean
+    ref_pred = y.copy()
+    ref_pred[hard[:15]] = (y[hard[:15]] + 1) % 10
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(outside_targets="agreed"), ref_pred)
+    assert (plan.subsets[hard[:15]] == Subset.UNUSED).all() and (plan.subsets[hard[15:]] == Subset.CLEAN).all()
+    assert (plan.subsets[poison] == Subset.SUSPECT).all() and plan.unlearn is None
+    assert any("15 it assigns elsewhere are left out" in n for n in plan.notes)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), RetrainConfig(outside_targets="agreed"))
+    assert (plan.subsets[hard] == Subset.CLEAN).all()  # no reference predictions: as "clean"
+    plan = plan_trigger_repair(x, y, sub, _verdict("clean-label"), RetrainConfig(outside_targets="agreed"), ref_pred)
+    assert (plan.subsets[hard] == Subset.CLEAN).all()  # clean-label: every label is right, as "clean"
     for v, cfg in ((_verdict("dirty-label"), RetrainConfig(outside_targets="unlearn")),
                    (_verdict("dirty-label", poisoned=False), RetrainConfig(outside_targets="clean")),
+                   (_verdict("dirty-label", poisoned=False), RetrainConfig(outside_targets="agreed")),
                    (_verdict("dirty-label", targets=(), mode="all-to-all"), RetrainConfig(outside_targets="clean"))):
         plan = plan_trigger_repair(x, y, sub, v, cfg)
         assert plan.unlearn is None and (plan.subsets == sub).all()

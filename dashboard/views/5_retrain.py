@@ -67,7 +67,8 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
         "All-to-one verdict: suspects labelled with another class than the target", choices,
         choices.index(cfg["outside_targets"]), key="rt_outside_targets", help=c.term("outside_targets"), disabled=busy,
         format_func={"unlearn": "unlearn their labels (the paper)", "distill": "distillation only",
-                     "clean": "train them as clean"}.get)
+                     "clean": "train them as clean",
+                     "agreed": "train as clean where the reference agrees, leave the rest out"}.get)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
