@@ -164,18 +164,16 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     if cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
         spare = outside_targets(plan.subsets, labels, targets)
         if spare.any():
-            # a relabelled poison is one the reference disputes; under a clean-label verdict every label is right
-            if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
-                plan.subsets = plan.subsets.copy()
-                disputed = spare & (np.asarray(ref_pred) != np.asarray(labels))
-                plan.subsets[spare & ~disputed] = Subset.CLEAN
-                plan.subsets[disputed] = Subset.UNUSED
-                what = (f"are trained as clean where the reference assigns them to their label; "
-                        f"{int(disputed.sum())} it assigns elsewhere are left out")
-            elif cfg.outside_targets in ("clean", "agreed"):
+            if cfg.outside_targets in ("clean", "agreed"):
                 plan.subsets = plan.subsets.copy()
                 plan.subsets[spare] = Subset.CLEAN
                 what = "are trained as clean"
+                # a relabelled poison is one the reference disputes; under a clean-label verdict every label is right
+                if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
+                    disputed = spare & (np.asarray(ref_pred) != np.asarray(labels))
+                    plan.subsets[disputed] = Subset.UNUSED
+                    what += (f" where the reference assigns them to their label; {int(disputed.sum())} it assigns "
+                             f"elsewhere are left out")
             else:
                 plan.unlearn = ~spare
                 what = "get the distillation term only, no unlearning"
