@@ -224,9 +224,10 @@ class RetrainConfig(_Config):
       "agreed" (under a dirty-label verdict; otherwise as "clean") trains as clean only the ones the
       reference assigns to their own label and leaves the rest out: a relabelled poison of another
       class is disputed by the reference. On that GTSRB run (re-run on an AMX CPU in bf16: "clean"
-      ASR 34.4 %) all 763 poisons among the 2,628 such suspects were among the 1,202 left out; ASR 0.9 % ("unlearn" 0.6 %), CA 95.3 %. Not the default: on the
-      demo's dirty-label rows (a weak reference, which disputes many clean samples) it cost 0.3-1.1 CA
-      points for the same ASR (bench/README.md).
+      ASR 34.4 %) all 763 poisons among the 2,628 such suspects were among the 1,202 left out; ASR
+      0.9 % ("unlearn" 0.6 %), CA 95.3 %. Not the default: on the demo's dirty-label rows (a weak
+      reference, which disputes many clean samples) it cost 0.3-1.1 CA points for the same ASR
+      (bench/README.md).
     """
 
     epochs: int = opt(10, "retraining epochs", lo=1)
