@@ -429,8 +429,13 @@ def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "Tr
     """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
     from .trigger import plan_trigger_repair
 
-    ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if rcfg.drop_disputed or rcfg.outside_targets == "agreed" else None
-    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred)
+    ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if (rcfg.drop_disputed or rcfg.outside_targets == "agreed"
+                                                                 or rcfg.take_unused == "agreed") else None
+    suspicion = None
+    if rcfg.unlearn_budget > 0:  # the joint rank's direction: the reference doubts the label, the model learnt it easily
+        df = read_scores(ctx.run)
+        suspicion = (df["clip_rank"].to_numpy() - df["model_rank"].to_numpy()) if df is not None else None
+    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred, suspicion)
     for msg in plan.notes:
         ctx.emit({"kind": "note", "message": msg})
     return plan
@@ -450,7 +455,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     parts = [sep_key, victim_key, _config_key(rcfg.to_dict())]
     if plan_uses_verdict(rcfg):
         # the trigger plan follows the verdict, which a newer verdict version may change without any score changing
-        parts.append({k: (verdict or {}).get(k) for k in ("poisoned", "targets", "family")})
+        parts.append({k: (verdict or {}).get(k) for k in ("poisoned", "targets", "family")
+                      + (("estimated_poisons",) if rcfg.unlearn_budget > 0 else ())})
     key = _key("retrain", *parts)
     if run.stage_done("retrain", key, [layout.REPAIRED, layout.METRICS_CSV]):
         return key

@@ -44,13 +44,14 @@ _DEFAULTS = RetrainConfig()
 def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, suspect: torch.Tensor,
                   temperature: float | None = None, alpha: float | None = None, beta: float | None = None,
                   unlearn: str | None = None, unlearn_floor: float | None = None,
-                  unlearn_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  unlearn_mask: torch.Tensor | None = None, before: torch.Tensor | None = None,
+                  keep: float | None = None) -> dict[str, torch.Tensor]:
     """The three loss terms on one batch. A weight left as None takes :class:`RetrainConfig`'s value.
 
     student, reference: (B, K) logits; labels: (B,) given labels; suspect: (B,) bool (False = clean).
-    Returns {"total", "ce", "kl", "unlearn"} (scalars). ``ce`` is the mean over clean samples,
-    ``kl`` (already times T^2) and ``unlearn`` over suspect samples; a term with no samples in the
-    batch is 0. total = ce + alpha * kl + beta * unlearn.
+    Returns {"total", "ce", "kl", "unlearn", "keep"} (scalars). ``ce`` and ``keep`` are means over clean
+    samples, ``kl`` (already times T^2) and ``unlearn`` over suspect samples; a term with no samples in
+    the batch is 0. total = ce + keep_weight * keep + alpha * kl + beta * unlearn.
 
     ``unlearn="log_p"`` (the paper): mean log p(label), <= 0 and unbounded below, so once a
     suspect label is unlikely the term keeps growing and can swamp the other two.
@@ -60,6 +61,12 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     a suspect sample whose label is already below ``floor`` adds a constant and no gradient.
     ``unlearn_mask`` (B,) bool: the suspect samples whose labels are unlearnt (default: all of them);
     the others get the distillation term only.
+    ``before`` (B, K): the logits of the model before repair on these samples (un-augmented, without a
+    stamped trigger); with a ``keep`` weight > 0 the clean samples are also distilled from them,
+    ``keep`` = mean KL(softmax(before / T) || softmax(student / T)) * T^2, which holds the model's
+    clean behaviour while the other terms remove the backdoor. A class whose ``before`` logit is -inf
+    is left out of both distributions (the retraining leaves out the verdict's target, so only the odds
+    between the other classes are held and the target's logit stays free to be unlearnt).
     """
     d = _DEFAULTS
     temperature = d.temperature if temperature is None else temperature
@@ -67,6 +74,7 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
     beta = d.beta if beta is None else beta
     unlearn = d.unlearn if unlearn is None else unlearn
     unlearn_floor = d.unlearn_floor if unlearn_floor is None else unlearn_floor
+    keep = d.keep if keep is None else keep
     if not 0.0 <= unlearn_floor < 1.0:
         raise ValueError(f"unlearn_floor must be in [0, 1), got {unlearn_floor}")
     # Masked sums instead of boolean indexing and ``.any()``: the same maths without a
@@ -93,7 +101,16 @@ def guided_losses(student: torch.Tensor, reference: torch.Tensor, labels: torch.
         raise ValueError(f"unlearn must be 'log_p' or 'log_1mp', got {unlearn!r}")
     unl = susp if unlearn_mask is None else susp & unlearn_mask.bool()
     term = torch.where(unl, per, 0.0).sum() / (n_susp if unlearn_mask is None else unl.to(student.dtype).sum().clamp(min=1.0))
-    return {"total": ce + alpha * kl + beta * term, "ce": ce, "kl": kl, "unlearn": term}
+    total = ce + alpha * kl + beta * term
+    held = torch.zeros((), device=student.device)
+    if before is not None and keep > 0:
+        live = torch.isfinite(before)  # classes left out (-inf) are dropped from both distributions
+        log_p_b = F.log_softmax(before.detach().float() / t, dim=1)
+        log_q = F.log_softmax(student.masked_fill(~live, float("-inf")) / t, dim=1)
+        held_rows = torch.where(live, log_p_b.exp() * (log_p_b - log_q), 0.0).sum(1)
+        held = (held_rows * clean_f).sum() / n_clean * (t * t)
+        total = total + keep * held
+    return {"total": total, "ce": ce, "kl": kl, "unlearn": term, "keep": held}
 
 
 def drop_tolerance(cfg: RetrainConfig, best_ca: float, n_test: int | None) -> float:
@@ -181,6 +198,13 @@ def guided_retrain(
         off = torch.as_tensor(np.flatnonzero(np.asarray(unstamp, bool)), device=dev)
         x_all = x_all.clone()
         x_all[off] = (x_all[off].float() - delta * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    before_all = None
+    if cfg.keep > 0:  # the model before repair (the one passed in, also when resuming) on every sample, once
+        from .train import predict
+
+        before_all = torch.as_tensor(predict(model, x_all, dev, precision=prec), device=dev)
+        if target is not None:  # hold the odds between the other classes only: the target's own logit is free to move
+            before_all[:, int(target)] = float("-inf")
     n = len(pool)
     steps = min(cfg.max_batches, max(cfg.min_batches, math.ceil(n / cfg.batch_size)))
     passes = math.ceil(steps * cfg.batch_size / n)  # > 1 only when min_batches asks for more than one pass
@@ -238,7 +262,8 @@ def guided_retrain(
             with autocast(dev, prec):
                 out = model(xb)
             losses = guided_losses(out, ref_all[idx], y_all[idx], is_susp[sel], cfg.temperature, cfg.alpha, cfg.beta,
-                                   cfg.unlearn, cfg.unlearn_floor, None if unlearn_ok is None else unlearn_ok[idx])
+                                   cfg.unlearn, cfg.unlearn_floor, None if unlearn_ok is None else unlearn_ok[idx],
+                                   None if before_all is None else before_all[idx], cfg.keep)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()

@@ -17,6 +17,7 @@ target class from nothing (every target-class image is a poison at the benchmark
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,7 @@ class TriggerPlan:
 def plan_uses_verdict(cfg: RetrainConfig) -> bool:
     """Whether :func:`plan_trigger_repair` can do anything under ``cfg`` (then its result follows the verdict)."""
     return (cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
-            or cfg.outside_targets != "unlearn")
+            or cfg.outside_targets != "unlearn" or cfg.take_unused != "none" or cfg.unlearn_budget > 0)
 
 
 def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int]) -> np.ndarray:
@@ -125,7 +126,8 @@ def drop_disputed(subsets: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray,
 
 
 def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndarray, verdict: dict | None,
-                        cfg: RetrainConfig, ref_pred: np.ndarray | None = None) -> TriggerPlan:
+                        cfg: RetrainConfig, ref_pred: np.ndarray | None = None,
+                        suspicion: np.ndarray | None = None) -> TriggerPlan:
     """Decide, from the verdict, which subsets retraining uses, stamping and trigger subtraction.
 
     images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
@@ -179,6 +181,36 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                 what = "get the distillation term only, no unlearning"
             plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one attack's "
                               f"poisons all carry the target label) {what}")
+    est = v.get("estimated_poisons")
+    if (cfg.unlearn_budget > 0 and v.get("poisoned") and v.get("mode") == "all-to-one" and targets and suspicion is not None
+            and v.get("family") == "dirty-label" and est):
+        at = np.flatnonzero((plan.subsets == Subset.SUSPECT) & np.isin(np.asarray(labels), targets))
+        k = math.ceil(cfg.unlearn_budget * float(est))
+        if len(at) > k:
+            order = at[np.argsort(-np.asarray(suspicion, np.float64)[at], kind="stable")]
+            plan.subsets = plan.subsets.copy()
+            plan.subsets[order[k:]] = Subset.UNUSED
+            plan.notes.append(f"{len(at)} suspect samples labelled {names}, {cfg.unlearn_budget:g} x the {int(est)} poisons the "
+                              f"verdict estimates = {k} unlearnt (the most suspicious); {len(at) - k} left out")
+    if cfg.take_unused != "none" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
+        left = np.asarray(subsets) == Subset.UNUSED  # left unused by the thresholds, not by drop_disputed
+        lab = np.asarray(labels)
+        at_target = np.isin(lab, targets)
+        take = left & ~at_target
+        if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
+            take &= np.asarray(ref_pred) == lab
+        n_others = int(take.sum())
+        n_target = 0
+        if cfg.take_unused == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
+            own = left & at_target & (np.asarray(ref_pred) == lab)
+            n_target = int(own.sum())
+            take = take | own
+        if take.any():
+            plan.subsets = plan.subsets.copy()
+            plan.subsets[take] = Subset.CLEAN
+            plan.notes.append(f"{n_others} samples left unused by the thresholds and labelled other than {names} are "
+                              "trained as clean" + (f", and {n_target} labelled {names} that the reference assigns to "
+                                                   "their label" if n_target else ""))
     if share <= 0 and not subtract:
         return plan
     if not v.get("poisoned") or len(targets) != 1:

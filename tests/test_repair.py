@@ -82,3 +82,14 @@ def test_a_failed_repair_says_so_and_suggests_something():
     assert not any("--outside-targets clean" in t or "--outside-targets agreed" in t for t in o["suggestions"])
     o = repair_outcome(rows, done, paper, 100, 120, 20, verdict={**one, "mode": "all-to-all"})["outcome"]
     assert not any("--outside-targets" in t for t in o["suggestions"])
+
+
+def test_a_clean_accuracy_loss_suggests_holding_the_model_before_repair():
+    rows = _rows([99.9, 3.0, 2.5], [65.0, 61.0, 60.5])
+    done = {"final": {k: rows[2][k] for k in ("ca", "asr", "ra", "asr_base")}, "kept_epoch": 2, "epochs_run": 2}
+    one = {"family": "dirty-label", "targets": [0], "mode": "all-to-one"}
+    o = repair_outcome(rows, done, RetrainConfig(epochs=2, take_unused="none"), 100, 120, 20, verdict=one)["outcome"]
+    assert o["status"] == "ca_lost"
+    assert any("--keep 0.3" in t for t in o["suggestions"]) and any("--take-unused others" in t for t in o["suggestions"])
+    o = repair_outcome(rows, done, RetrainConfig(epochs=2, keep=0.3), 100, 120, 20, verdict=one)["outcome"]
+    assert not any("--keep 0.3" in t or "--take-unused" in t for t in o["suggestions"])  # both in use already

@@ -1,4 +1,5 @@
 """Guided-retraining loss terms on hand-made tensors, and the retraining generator on small data."""
+import copy
 import math
 
 import numpy as np
@@ -224,3 +225,58 @@ def test_retrain_rejects_mismatched_reference():
     with pytest.raises(ValueError, match="reference logits"):
         next(guided_retrain(build_model("small-cnn", 3, width=8), x, y, np.arange(10), np.arange(10, 20), np.zeros((5, 3)),
                             lambda m: {"ca": 0, "asr": 0, "ra": 0}, RetrainConfig(precision="fp32"), "cpu"))
+
+
+def test_keep_term_distils_clean_samples_from_the_model_before_repair():
+    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0]])
+    before = torch.tensor([[0.0, 2.0, 0.0], [0.0, 1.0, 0.0], [5.0, 0.0, 0.0]])
+    labels, suspect = torch.tensor([0, 1, 2]), torch.tensor([False, False, True])
+    T = 2.0
+    out = guided_losses(student, torch.zeros(3, 3), labels, suspect, T, 0.0, 0.0, before=before, keep=0.5)
+    want = 0.0
+    for i in (0, 1):  # clean rows only; row 1 matches, so it adds 0
+        p, q = F.softmax(before[i] / T, 0), F.softmax(student[i] / T, 0)
+        want += float((p * (p.log() - q.log())).sum())
+    want = want / 2 * T * T
+    assert out["keep"].item() == pytest.approx(want, rel=1e-5) and want > 0
+    assert out["total"].item() == pytest.approx(out["ce"].item() + 0.5 * want, rel=1e-5)
+    none = guided_losses(student, torch.zeros(3, 3), labels, suspect, T, 0.0, 0.0, before=before, keep=0.0)
+    assert none["keep"].item() == 0 and none["total"].item() == pytest.approx(none["ce"].item(), rel=1e-6)
+
+
+def test_keep_holds_the_predictions_of_the_model_before_repair():
+    """Retraining on labels that contradict the model: with a keep weight its predictions stay closer to the old ones."""
+    x, y = _toy(300)
+    torch.manual_seed(0)
+    victim = build_model("small-cnn", 3, width=8)
+    list(guided_retrain(victim, x, y, np.arange(300), np.arange(0), np.zeros((300, 3)), lambda m: {"ca": 0.0},
+                        RetrainConfig(epochs=2, max_batches=10, min_batches=10, batch_size=64, lr=0.05, precision="fp32",
+                                      augment=False), "cpu"))
+    from cgd.train import predict
+
+    old = predict(victim, x, "cpu", precision="fp32").argmax(1)
+    assert (old == y).mean() > 0.9
+    wrong = (y + 1) % 3  # a relabelled half pulls the other way
+    y2 = np.where(np.arange(300) % 2 == 0, wrong, y)
+    agree = {}
+    for keep in (0.0, 3.0):
+        m = copy.deepcopy(victim)
+        list(guided_retrain(m, x, y2, np.arange(300), np.arange(0), np.zeros((300, 3)), lambda mm: {"ca": 0.0},
+                            RetrainConfig(epochs=2, max_batches=10, min_batches=10, batch_size=64, lr=0.05, keep=keep,
+                                          precision="fp32", augment=False), "cpu"))
+        agree[keep] = float((predict(m, x, "cpu", precision="fp32").argmax(1) == old).mean())
+    assert agree[3.0] > agree[0.0] + 0.05, agree
+
+
+def test_keep_term_leaves_out_the_target_column():
+    """A -inf column of the old logits (the verdict's target) is dropped from both distributions; gradients stay finite."""
+    before = torch.tensor([[float("-inf"), 2.0, 0.0], [float("-inf"), 0.0, 1.0]])
+    student = torch.tensor([[9.0, 2.0, 0.0], [-3.0, 0.5, 1.0]], requires_grad=True)
+    labels, suspect = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.bool)
+    out = guided_losses(student, torch.zeros(2, 3), labels, suspect, 1.0, 0.0, 0.0, before=before, keep=1.0)
+    p = F.softmax(before[1, 1:], 0)
+    q = F.softmax(student.detach()[1, 1:], 0)
+    want = float((p * (p.log() - q.log())).sum()) / 2  # row 0 agrees on the other classes whatever the target's logit
+    assert out["keep"].item() == pytest.approx(want, rel=1e-5)
+    out["keep"].backward()
+    assert torch.isfinite(student.grad).all() and (student.grad[:, 0] == 0).all()

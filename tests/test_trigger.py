@@ -1,6 +1,7 @@
 """The trigger estimate (cgd.trigger) and stamping during retraining."""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 
@@ -312,3 +313,56 @@ def test_plan_on_an_all_to_all_verdict_leaves_out_disputed_samples_of_every_clas
     assert set(np.flatnonzero(plan.subsets == Subset.UNUSED)) == set(disputed)
     assert plan.trigger is None and any(f"all-to-all, {len(disputed)} clean-subset samples" in n for n in plan.notes)
     assert (plan_trigger_repair(x, y, sub, v, RetrainConfig(drop_disputed=False), ref_pred).subsets == sub).all()
+
+
+def test_unlearn_budget_keeps_the_most_suspicious_target_suspects():
+    """unlearn_budget: under a dirty-label all-to-one verdict at most budget x the estimated poison count of the
+    target-labelled suspects stay suspects, the most suspicious first; the rest are left out, never trained as clean."""
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    extra = np.flatnonzero((y == 0) & ~poison)[:30]
+    sub[extra] = Subset.SUSPECT  # clean target-class samples the rank rule flagged
+    suspicion = np.where(poison, 2.0, 0.0) + np.linspace(0, 1, len(y))  # poisons rank above the clean ones
+    n_p = int(poison.sum())
+    v = {**_verdict("dirty-label"), "estimated_poisons": n_p}
+    cfg = RetrainConfig(unlearn_budget=1.0, stamp=0, outside_targets="unlearn")
+    plan = plan_trigger_repair(x, y, sub, v, cfg, suspicion=suspicion)
+    assert (plan.subsets[poison] == Subset.SUSPECT).all() and (plan.subsets[extra] == Subset.UNUSED).all()
+    assert any(f"{n_p + 30} suspect samples labelled 0" in n and "30 left out" in n for n in plan.notes)
+    plan = plan_trigger_repair(x, y, sub, {**v, "estimated_poisons": n_p - 5}, cfg, suspicion=suspicion)
+    assert (plan.subsets == Subset.SUSPECT).sum() == int(np.ceil(n_p - 5)) and (plan.subsets[extra] == Subset.UNUSED).all()
+    # within budget, or no suspicion, a clean-label verdict, no estimate or budget 0: nothing moves
+    for vv, cc, s in (({**v, "estimated_poisons": n_p + 30}, cfg, suspicion), (v, cfg, None),
+                      ({**v, "family": "clean-label"}, replace(cfg, subtract_trigger=False, stamp_clean_label=0), suspicion),
+                      ({**v, "estimated_poisons": None}, cfg, suspicion), (v, replace(cfg, unlearn_budget=0.0), suspicion)):
+        assert (plan_trigger_repair(x, y, sub, vv, cc, suspicion=s).subsets == sub).all()
+
+
+def test_take_unused_trains_samples_of_other_classes_as_clean():
+    """take_unused: under an all-to-one verdict the samples the thresholds left unused and labelled with another class
+    are trained as clean ("others"); "agreed" adds the target-labelled ones the reference assigns to the target."""
+    x, y, poison = _patch_set()
+    sub = np.where(poison, Subset.SUSPECT, Subset.CLEAN).astype(np.int8)
+    others = np.flatnonzero((y != 0) & ~poison)[:25]
+    own = np.flatnonzero((y == 0) & ~poison)[:10]
+    sub[others] = Subset.UNUSED
+    sub[own] = Subset.UNUSED
+    ref_pred = y.copy()
+    ref_pred[own[:4]] = 1  # the reference disputes four of the target-labelled ones
+    base = RetrainConfig(stamp=0, drop_disputed=False)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), replace(base, take_unused="others"), ref_pred)
+    assert (plan.subsets[others] == Subset.CLEAN).all() and (plan.subsets[own] == Subset.UNUSED).all()
+    assert any("25 samples left unused" in n for n in plan.notes)
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), replace(base, take_unused="agreed"), ref_pred)
+    assert (plan.subsets[others] == Subset.CLEAN).all() and (plan.subsets[own[4:]] == Subset.CLEAN).all()
+    assert (plan.subsets[own[:4]] == Subset.UNUSED).all() and (plan.subsets[poison] == Subset.SUSPECT).all()
+    # a sample drop_disputed left out is not taken back
+    disputed = np.flatnonzero((y == 0) & ~poison & (sub == Subset.CLEAN))[:5]
+    ref2 = ref_pred.copy()
+    ref2[disputed] = 2
+    plan = plan_trigger_repair(x, y, sub, _verdict("dirty-label"), replace(base, take_unused="agreed", drop_disputed=True), ref2)
+    assert (plan.subsets[disputed] == Subset.UNUSED).all()
+    for v, cfg in ((_verdict("dirty-label", poisoned=False), replace(base, take_unused="others")),
+                   (_verdict("dirty-label", targets=(), mode="all-to-all"), replace(base, take_unused="others")),
+                   (_verdict("dirty-label"), replace(base, take_unused="none"))):
+        assert (plan_trigger_repair(x, y, sub, v, cfg, ref_pred).subsets == sub).all()

@@ -33,7 +33,8 @@ if sep:
                f"{sep.get('unused', 0):,} (σ1 = {sep.get('config', {}).get('sigma1')}, σ2 = {sep.get('config', {}).get('sigma2')}, "
                f"σ3 = {sep.get('config', {}).get('sigma3', 0.0)}). Clean samples are trained on (oversampled per class); suspect "
                "ones get distillation from the reference plus unlearning of their labels (under a verdict naming the target, "
-               "by default only those labelled with it: the other classes' suspects are trained as clean).")
+               "by default only those labelled with it: the other classes' suspects, and their samples the thresholds left unused, "
+               "are trained as clean).")
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters (labels here, defaults and help from cgd.config)
@@ -44,7 +45,9 @@ FIELDS = [("epochs", "Epochs", 1, 500), ("lr", "Learning rate", 1e-6, 1.0), ("al
           ("patience", "Patience (epochs)", 1, 100), ("max_batches", "Max batches / epoch", 1, 100_000),
           ("min_batches", "Min batches / epoch", 0, 100_000), ("batch_size", "Batch size", 8, 4096),
           ("unlearn_floor", "Unlearning floor", 0.0, 0.99), ("stamp_clean_label", "Trigger stamp share (clean-label)", 0.0, 1.0),
-          ("stamp", "Trigger stamp share (other)", 0.0, 1.0), ("stamp_gain", "Trigger stamp gain", 1.0, 10.0)]
+          ("stamp", "Trigger stamp share (other)", 0.0, 1.0), ("stamp_gain", "Trigger stamp gain", 1.0, 10.0),
+          ("keep", "Keep (distil from the model before repair)", 0.0, 100.0),
+          ("unlearn_budget", "Unlearning budget (x estimated poisons)", 0.0, 100.0)]
 hp: dict = {}
 with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
     cols = st.columns(4)
@@ -69,6 +72,12 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
         format_func={"unlearn": "unlearn their labels (the paper)", "distill": "distillation only",
                      "clean": "train them as clean",
                      "agreed": "train as clean where the reference agrees, leave the rest out"}.get)
+    unused_choices = list(cgd.flat_field("take_unused").choices)
+    hp["take_unused"] = st.selectbox(
+        "All-to-one verdict: samples the thresholds left unused", unused_choices,
+        unused_choices.index(cfg["take_unused"]), key="rt_take_unused", help=c.term("take_unused"), disabled=busy,
+        format_func={"none": "leave them out (the paper)", "others": "train those of other classes as clean",
+                     "agreed": "also the target's own where the reference agrees"}.get)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
