@@ -481,7 +481,8 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     events = guided_retrain(model, d.train.images, d.train.labels, clean_idx, suspect_idx, run.load_array(layout.CLIP_LOGITS),
                             lambda m: evaluate_model(m, d.test.images, d.test.labels, d.bd, ctx.device, precision=cfg.precision),
                             plan.config, ctx.device, resume=resume, trigger=plan.trigger, target=plan.target,
-                            unstamp=plan.unstamp, unlearn_mask=plan.unlearn)
+                            unstamp=plan.unstamp, unlearn_mask=plan.unlearn,
+                            hold_out=list((verdict or {}).get("targets") or []) if (verdict or {}).get("poisoned") else [])
     done = None
     for ev in events:
         if ev["kind"] == "batch":

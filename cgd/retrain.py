@@ -141,6 +141,7 @@ def guided_retrain(
     target: int | None = None,
     unstamp: np.ndarray | None = None,
     unlearn_mask: np.ndarray | None = None,
+    hold_out: list[int] | None = None,
 ) -> Iterator[dict]:
     """Retrain ``model`` in place; yields events (dicts with a ``kind``):
 
@@ -167,6 +168,9 @@ def guided_retrain(
     subtracted whenever they are drawn (clean-label poisons trained as clean, see the pipeline).
     unlearn_mask: (N,) bool, the suspect samples whose labels are unlearnt (default: every one; the
     others get the distillation term only; :func:`cgd.trigger.plan_trigger_repair`).
+    hold_out: with ``cfg.keep > 0``, the classes the keep term leaves out (the verdict's targets; None:
+    ``target`` if given). The logits of ``model`` as passed in (the model before repair, also when
+    resuming) are computed once on every sample and held on the clean samples over the other classes.
 
     images: (N, H, W, 3) uint8; labels: (N,) given labels; clean_idx: (M,) indices (oversampled,
     repeats allowed); suspect_idx: (S,); reference_logits: (N, K) float.
@@ -203,8 +207,11 @@ def guided_retrain(
         from .train import predict
 
         before_all = torch.as_tensor(predict(model, x_all, dev, precision=prec), device=dev)
-        if target is not None:  # hold the odds between the other classes only: the target's own logit is free to move
-            before_all[:, int(target)] = float("-inf")
+        out_cls = [int(c) for c in (hold_out if hold_out is not None else ([] if target is None else [target]))]
+        if len(set(out_cls)) >= before_all.shape[1]:  # no class left to hold
+            before_all = None
+        elif out_cls:  # hold the odds between the other classes only: the targets' own logits are free to move
+            before_all[:, out_cls] = float("-inf")
     n = len(pool)
     steps = min(cfg.max_batches, max(cfg.min_batches, math.ceil(n / cfg.batch_size)))
     passes = math.ceil(steps * cfg.batch_size / n)  # > 1 only when min_batches asks for more than one pass

@@ -137,7 +137,14 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     With ``cfg.drop_disputed`` and a dirty-label verdict naming targets, the clean-subset samples of
     :func:`drop_disputed` are left out (Subset.UNUSED); under an all-to-all verdict every class counts
     as a target. Under an all-to-one verdict the suspects of :func:`outside_targets` are handled as
-    ``cfg.outside_targets`` says. The share stamped is
+    ``cfg.outside_targets`` says. With ``cfg.unlearn_budget`` > 0 and a dirty-label all-to-one verdict
+    that estimates the poison count, at most that many times the estimate of the target-labelled
+    suspects stay suspects, the highest ``suspicion`` first ((N,): the reference's rank minus the
+    model's), and the rest are left out. With ``cfg.take_unused`` under an all-to-one verdict, the
+    samples ``subsets`` marks unused and labelled with another class are trained as clean (under
+    ``outside_targets == "agreed"`` and a dirty-label verdict only those ``ref_pred`` assigns to their
+    label); "agreed" adds the target-labelled ones ``ref_pred`` assigns to their label (dirty-label).
+    The share stamped is
     ``cfg.stamp_clean_label`` when the verdict says clean-label, else ``cfg.stamp``; with
     ``cfg.subtract_trigger`` and a clean-label verdict every sample labelled with the target is
     trained as clean with the trigger subtracted. Both need a verdict naming exactly one target and

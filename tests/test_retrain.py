@@ -259,13 +259,15 @@ def test_keep_holds_the_predictions_of_the_model_before_repair():
     wrong = (y + 1) % 3  # a relabelled half pulls the other way
     y2 = np.where(np.arange(300) % 2 == 0, wrong, y)
     agree = {}
-    for keep in (0.0, 3.0):
+    for keep, hold_out in ((0.0, None), (3.0, None), (3.0, [0, 1, 2])):
         m = copy.deepcopy(victim)
         list(guided_retrain(m, x, y2, np.arange(300), np.arange(0), np.zeros((300, 3)), lambda mm: {"ca": 0.0},
                             RetrainConfig(epochs=2, max_batches=10, min_batches=10, batch_size=64, lr=0.05, keep=keep,
-                                          precision="fp32", augment=False), "cpu"))
-        agree[keep] = float((predict(m, x, "cpu", precision="fp32").argmax(1) == old).mean())
-    assert agree[3.0] > agree[0.0] + 0.05, agree
+                                          precision="fp32", augment=False), "cpu", hold_out=hold_out))
+        agree[keep, str(hold_out)] = float((predict(m, x, "cpu", precision="fp32").argmax(1) == old).mean())
+    assert agree[3.0, "None"] > agree[0.0, "None"] + 0.05, agree
+    # every class left out: nothing is held, the same run as without the term
+    assert agree[3.0, "[0, 1, 2]"] == agree[0.0, "None"], agree
 
 
 def test_keep_term_leaves_out_the_target_column():
