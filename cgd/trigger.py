@@ -159,9 +159,13 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     plan = TriggerPlan(subsets=np.asarray(subsets), config=replace(cfg, stamp=0.0))
     targets = v.get("targets") or []
     names = ", ".join(str(int(t)) for t in targets)
+    lab = np.asarray(labels)
+    dirty = v.get("family") == "dirty-label"
+    # where the reference assigns a sample to its own label (None: no predictions); under a clean-label
+    # verdict every label is right, so a dispute says nothing there
+    agrees = np.asarray(ref_pred) == lab if ref_pred is not None and dirty else None
     spread = v.get("mode") == "all-to-all"  # relabelled samples under every label: every class is a target
-    if (cfg.drop_disputed and v.get("poisoned") and v.get("family") == "dirty-label" and (targets or spread)
-            and ref_pred is not None):
+    if cfg.drop_disputed and v.get("poisoned") and (targets or spread) and agrees is not None:
         out = drop_disputed(plan.subsets, labels, ref_pred, np.unique(labels).tolist() if spread else targets)
         if out.any():
             plan.subsets = plan.subsets.copy()
@@ -178,8 +182,8 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                 plan.subsets[spare] = Subset.CLEAN
                 what = "are trained as clean"
                 # a relabelled poison is one the reference disputes; under a clean-label verdict every label is right
-                if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
-                    disputed = spare & (np.asarray(ref_pred) != np.asarray(labels))
+                if cfg.outside_targets == "agreed" and agrees is not None:
+                    disputed = spare & ~agrees
                     plan.subsets[disputed] = Subset.UNUSED
                     what += (f" where the reference assigns them to their label; {int(disputed.sum())} it assigns "
                              f"elsewhere are left out")
@@ -190,8 +194,8 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                               f"poisons all carry the target label) {what}")
     est = v.get("estimated_poisons")
     if (cfg.unlearn_budget > 0 and v.get("poisoned") and v.get("mode") == "all-to-one" and targets and suspicion is not None
-            and v.get("family") == "dirty-label" and est):
-        at = np.flatnonzero((plan.subsets == Subset.SUSPECT) & np.isin(np.asarray(labels), targets))
+            and dirty and est):
+        at = np.flatnonzero((plan.subsets == Subset.SUSPECT) & np.isin(lab, targets))
         k = math.ceil(cfg.unlearn_budget * float(est))
         if len(at) > k:
             order = at[np.argsort(-np.asarray(suspicion, np.float64)[at], kind="stable")]
@@ -201,15 +205,14 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                               f"verdict estimates = {k} unlearnt (the most suspicious); {len(at) - k} left out")
     if cfg.take_unused != "none" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
         left = np.asarray(subsets) == Subset.UNUSED  # left unused by the thresholds, not by drop_disputed
-        lab = np.asarray(labels)
         at_target = np.isin(lab, targets)
         take = left & ~at_target
-        if cfg.outside_targets == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
-            take &= np.asarray(ref_pred) == lab
+        if cfg.outside_targets == "agreed" and agrees is not None:
+            take &= agrees
         n_others = int(take.sum())
         n_target = 0
-        if cfg.take_unused == "agreed" and ref_pred is not None and v.get("family") == "dirty-label":
-            own = left & at_target & (np.asarray(ref_pred) == lab)
+        if cfg.take_unused == "agreed" and agrees is not None:
+            own = left & at_target & agrees
             n_target = int(own.sum())
             take = take | own
         if take.any():
