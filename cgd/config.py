@@ -262,8 +262,8 @@ class RetrainConfig(_Config):
     temperature: float = opt(3.0, "softmax temperature T of the distillation term", lo=0.0, lo_open=True)
     alpha: float = opt(5e-4, "weight of the distillation term KL(reference || model) on suspect samples", lo=0.0)
     beta: float = opt(0.025, "weight of the unlearning term on suspect samples", lo=0.0)
-    keep: float = opt(0.0, "weight of distilling the clean samples from the model before repair (holds its clean "
-                           "accuracy; the paper: 0)", lo=0.0, pre=0.0)
+    keep: float = opt(0.0, "weight of distilling the clean samples from the model before repair, over the classes "
+                           "other than the verdict's targets (holds its clean accuracy; the paper: 0)", lo=0.0, pre=0.0)
     tolerance: float = opt(1.0, "early stop: CA points below the best epoch that count as a drop", lo=0.0)
     tolerance_se: float = opt(1.5, "early stop: widen the tolerance to this many standard errors of the CA estimate "
                                    "on the test set's size (the paper: 0)", lo=0.0, pre=0.0)
