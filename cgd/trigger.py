@@ -98,16 +98,18 @@ def plan_uses_verdict(cfg: RetrainConfig) -> bool:
             or cfg.outside_targets != "unlearn" or cfg.take_unused != "none" or cfg.unlearn_budget > 0)
 
 
-def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int]) -> np.ndarray:
-    """Suspect samples labelled with none of ``targets``: (N,) bool.
+def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int], of: int | None = None) -> np.ndarray:
+    """Samples of subset ``of`` (default Subset.SUSPECT) labelled with none of ``targets``: (N,) bool.
 
     subsets: (N,) Subset codes; labels: (N,) given labels. Under an all-to-one verdict every poison
     carries a target label (dirty-label: relabelled to it; clean-label: a target-class image), so
-    these are clean samples the rank rule flagged for being hard or mislabelled by the reference.
+    these are clean samples the rank rule flagged for being hard or mislabelled by the reference
+    (or, with ``of=Subset.UNUSED``, that the thresholds left between the subsets).
     """
     from .separation import Subset
 
-    return (np.asarray(subsets) == Subset.SUSPECT) & ~np.isin(np.asarray(labels), list(targets))
+    of = Subset.SUSPECT if of is None else of
+    return (np.asarray(subsets) == of) & ~np.isin(np.asarray(labels), list(targets))
 
 
 def drop_disputed(subsets: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray, targets: list[int]) -> np.ndarray:
@@ -165,6 +167,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     # verdict every label is right, so a dispute says nothing there
     agrees = np.asarray(ref_pred) == lab if ref_pred is not None and dirty else None
     spread = v.get("mode") == "all-to-all"  # relabelled samples under every label: every class is a target
+    one_target = bool(v.get("poisoned") and v.get("mode") == "all-to-one" and targets)
     if cfg.drop_disputed and v.get("poisoned") and (targets or spread) and agrees is not None:
         out = drop_disputed(plan.subsets, labels, ref_pred, np.unique(labels).tolist() if spread else targets)
         if out.any():
@@ -174,7 +177,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
             labelled = "" if spread else f" labelled {names}"
             plan.notes.append(f"dirty-label: {which}{int(out.sum())} clean-subset samples{labelled} that the reference "
                               f"assigns to another class are left out of retraining")
-    if cfg.outside_targets != "unlearn" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
+    if cfg.outside_targets != "unlearn" and one_target:
         spare = outside_targets(plan.subsets, labels, targets)
         if spare.any():
             if cfg.outside_targets in ("clean", "agreed"):
@@ -193,8 +196,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
             plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one attack's "
                               f"poisons all carry the target label) {what}")
     est = v.get("estimated_poisons")
-    if (cfg.unlearn_budget > 0 and v.get("poisoned") and v.get("mode") == "all-to-one" and targets and suspicion is not None
-            and dirty and est):
+    if cfg.unlearn_budget > 0 and one_target and dirty and est and suspicion is not None:
         at = np.flatnonzero((plan.subsets == Subset.SUSPECT) & np.isin(lab, targets))
         k = math.ceil(cfg.unlearn_budget * float(est))
         if len(at) > k:
@@ -203,16 +205,15 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
             plan.subsets[order[k:]] = Subset.UNUSED
             plan.notes.append(f"{len(at)} suspect samples labelled {names}, {cfg.unlearn_budget:g} x the {int(est)} poisons the "
                               f"verdict estimates = {k} unlearnt (the most suspicious); {len(at) - k} left out")
-    if cfg.take_unused != "none" and v.get("poisoned") and v.get("mode") == "all-to-one" and targets:
-        left = np.asarray(subsets) == Subset.UNUSED  # left unused by the thresholds, not by drop_disputed
-        at_target = np.isin(lab, targets)
-        take = left & ~at_target
+    if cfg.take_unused != "none" and one_target:
+        # the input's unused samples: left between the thresholds, not left out by drop_disputed above
+        take = outside_targets(subsets, labels, targets, of=Subset.UNUSED)
         if cfg.outside_targets == "agreed" and agrees is not None:
             take &= agrees
         n_others = int(take.sum())
         n_target = 0
         if cfg.take_unused == "agreed" and agrees is not None:
-            own = left & at_target & agrees
+            own = (np.asarray(subsets) == Subset.UNUSED) & np.isin(lab, targets) & agrees
             n_target = int(own.sum())
             take = take | own
         if take.any():
