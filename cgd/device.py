@@ -89,8 +89,14 @@ def _bench_workload(workload: str, dtype: torch.dtype | None, reps: int) -> floa
     conv_train: forward + backward of a 3x3 convolution (64 -> 128 channels, 16x16 maps, batch 64,
     channels_last) under autocast, as in the small-CNN training steps. matmul_infer: a ViT-B MLP
     matrix product (1024 x 768 @ 768 x 3072) with weights and activations in ``dtype``, as in CLIP
-    scoring. ``dtype`` None = fp32.
+    scoring. ``dtype`` None = fp32. Runs with autograd on whatever the caller's mode: the first
+    ``auto`` choice is often made inside ``predict``, under ``torch.no_grad``/``inference_mode``.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _bench_workload_timed(workload, dtype, reps)
+
+
+def _bench_workload_timed(workload: str, dtype: torch.dtype | None, reps: int) -> float:
     import time
 
     g = torch.Generator().manual_seed(0)

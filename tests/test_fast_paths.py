@@ -195,3 +195,16 @@ def test_bf16_choice_is_measured_interleaved_and_cached(tmp_path, monkeypatch):
     device.bf16_faster_on_cpu.cache_clear()
     assert device.bf16_faster_on_cpu("conv_train") is True
     device.bf16_faster_on_cpu.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_precision_benchmark_runs_inside_no_grad(mode):
+    """The first ``auto`` choice is often measured inside ``predict`` (decorated with no_grad): the
+    conv_train kernel's backward must still run there (it raised "does not require grad" once)."""
+    from cgd import device
+
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        for dtype in (None, torch.bfloat16):
+            assert device._bench_workload("conv_train", dtype, reps=1) > 0
+        assert torch.is_grad_enabled() is False  # the caller's mode is left as it was
