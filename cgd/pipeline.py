@@ -432,13 +432,30 @@ def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "Tr
     ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if (rcfg.drop_disputed or rcfg.outside_targets == "agreed"
                                                                  or rcfg.take_unused == "agreed") else None
     suspicion = None
-    if rcfg.unlearn_budget > 0:  # the joint rank's direction: the reference doubts the label, the model learnt it easily
+    v = verdict or {}
+    split = (rcfg.split_target != "none" and v.get("poisoned") and v.get("mode") == "all-to-one"
+             and v.get("family") == "dirty-label" and len(v.get("targets") or []) == 1)
+    if rcfg.unlearn_budget > 0 or split:  # the joint rank's direction: the reference doubts the label, the model learnt it easily
         df = read_scores(ctx.run)
         suspicion = (df["clip_rank"].to_numpy() - df["model_rank"].to_numpy()) if df is not None else None
-    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred, suspicion)
+    feats = _target_features(ctx, int(v["targets"][0]), rcfg.precision) if split else None
+    plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred, suspicion,
+                               target_features=feats)
     for msg in plan.notes:
         ctx.emit({"kind": "note", "message": msg})
     return plan
+
+
+def _target_features(ctx: _Ctx, target: int, precision: str) -> np.ndarray:
+    """(M, D) penultimate features of the model before repair on the M training samples labelled ``target``."""
+    from .models import load_checkpoint
+    from .train import predict
+
+    d = ctx.data
+    idx = np.flatnonzero(np.asarray(d.train.labels) == target)
+    model, _ = load_checkpoint(ctx.run.path(layout.VICTIM), device=ctx.device)
+    _, feats = predict(model, d.train.images[idx], ctx.device, precision=precision, features=True)
+    return feats
 
 
 def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
@@ -455,7 +472,7 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
     parts = [sep_key, victim_key, _config_key(rcfg.to_dict())]
     if plan_uses_verdict(rcfg):
         # the trigger plan follows the verdict, which a newer verdict version may change without any score changing
-        parts.append({k: (verdict or {}).get(k) for k in ("poisoned", "targets", "family")
+        parts.append({k: (verdict or {}).get(k) for k in ("poisoned", "targets", "family", "mode")
                       + (("estimated_poisons",) if rcfg.unlearn_budget > 0 else ())})
     key = _key("retrain", *parts)
     if run.stage_done("retrain", key, [layout.REPAIRED, layout.METRICS_CSV]):

@@ -95,7 +95,8 @@ class TriggerPlan:
 def plan_uses_verdict(cfg: RetrainConfig) -> bool:
     """Whether :func:`plan_trigger_repair` can do anything under ``cfg`` (then its result follows the verdict)."""
     return (cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
-            or cfg.outside_targets != "unlearn" or cfg.take_unused != "none" or cfg.unlearn_budget > 0)
+            or cfg.outside_targets != "unlearn" or cfg.take_unused != "none" or cfg.unlearn_budget > 0
+            or cfg.split_target != "none")
 
 
 def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int], of: int | None = None) -> np.ndarray:
@@ -129,7 +130,7 @@ def drop_disputed(subsets: np.ndarray, labels: np.ndarray, ref_pred: np.ndarray,
 
 def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndarray, verdict: dict | None,
                         cfg: RetrainConfig, ref_pred: np.ndarray | None = None,
-                        suspicion: np.ndarray | None = None) -> TriggerPlan:
+                        suspicion: np.ndarray | None = None, target_features: np.ndarray | None = None) -> TriggerPlan:
     """Decide, from the verdict, which subsets retraining uses, stamping and trigger subtraction.
 
     images: (N, H, W, 3) uint8; labels: (N,); subsets: (N,) Subset codes; verdict: the run's verdict
@@ -146,6 +147,12 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
     samples ``subsets`` marks unused and labelled with another class are trained as clean (under
     ``outside_targets == "agreed"`` and a dirty-label verdict only those ``ref_pred`` assigns to their
     label); "agreed" adds the target-labelled ones ``ref_pred`` assigns to their label (dirty-label).
+    With ``cfg.split_target`` and a dirty-label verdict naming one target, ``target_features`` ((M, D):
+    the suspicious model's penultimate features of the M samples labelled with the target, in index
+    order) and ``suspicion`` split those samples (:func:`cgd.target_split.split_target`): the
+    poisons' cluster keeps only its suspects (its clean-subset samples are left out), and in the other
+    cluster the suspects are left out ("leave") or trained as clean ("train") and every other sample
+    is trained as clean (also those :func:`drop_disputed` left out).
     The share stamped is
     ``cfg.stamp_clean_label`` when the verdict says clean-label, else ``cfg.stamp``; with
     ``cfg.subtract_trigger`` and a clean-label verdict every sample labelled with the target is
@@ -195,6 +202,11 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                 what = "get the distillation term only, no unlearning"
             plan.notes.append(f"{int(spare.sum())} suspect samples labelled other than {names} (an all-to-one attack's "
                               f"poisons all carry the target label) {what}")
+    if cfg.take_unused != "none" and one_target:
+        _take_unused(plan, subsets, lab, targets, names, cfg, agrees)
+    if (cfg.split_target != "none" and one_target and dirty and len(targets) == 1 and suspicion is not None
+            and target_features is not None):
+        _split_target(plan, subsets, lab, int(targets[0]), target_features, suspicion, cfg)
     est = v.get("estimated_poisons")
     if cfg.unlearn_budget > 0 and one_target and dirty and est and suspicion is not None:
         at = np.flatnonzero((plan.subsets == Subset.SUSPECT) & np.isin(lab, targets))
@@ -205,23 +217,6 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
             plan.subsets[order[k:]] = Subset.UNUSED
             plan.notes.append(f"{len(at)} suspect samples labelled {names}, {cfg.unlearn_budget:g} x the {int(est)} poisons the "
                               f"verdict estimates = {k} unlearnt (the most suspicious); {len(at) - k} left out")
-    if cfg.take_unused != "none" and one_target:
-        # the input's unused samples: left between the thresholds, not left out by drop_disputed above
-        take = outside_targets(subsets, labels, targets, of=Subset.UNUSED)
-        if cfg.outside_targets == "agreed" and agrees is not None:
-            take &= agrees
-        n_others = int(take.sum())
-        n_target = 0
-        if cfg.take_unused == "agreed" and agrees is not None:
-            own = (np.asarray(subsets) == Subset.UNUSED) & np.isin(lab, targets) & agrees
-            n_target = int(own.sum())
-            take = take | own
-        if take.any():
-            plan.subsets = plan.subsets.copy()
-            plan.subsets[take] = Subset.CLEAN
-            plan.notes.append(f"{n_others} samples left unused by the thresholds and labelled other than {names} are "
-                              "trained as clean" + (f", and {n_target} labelled {names} that the reference assigns to "
-                                                   "their label" if n_target else ""))
     if share <= 0 and not subtract:
         return plan
     if not v.get("poisoned") or len(targets) != 1:
@@ -254,3 +249,58 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
         plan.notes.append(f"clean-label: the {int(mask.sum())} samples labelled {target} are trained as clean with the "
                           f"estimated trigger subtracted ({int(moved.sum())} of them moved from the suspect subset)")
     return plan
+
+
+def _take_unused(plan: TriggerPlan, subsets: np.ndarray, lab: np.ndarray, targets: list[int], names: str,
+                 cfg: RetrainConfig, agrees: np.ndarray | None) -> None:
+    """``cfg.take_unused`` of :func:`plan_trigger_repair`: trains unused samples as clean, in ``plan``."""
+    from .separation import Subset
+
+    # the input's unused samples: left between the thresholds, not left out by drop_disputed
+    take = outside_targets(subsets, lab, targets, of=Subset.UNUSED)
+    if cfg.outside_targets == "agreed" and agrees is not None:
+        take &= agrees
+    n_others = int(take.sum())
+    n_target = 0
+    if cfg.take_unused == "agreed" and agrees is not None:
+        own = (np.asarray(subsets) == Subset.UNUSED) & np.isin(lab, targets) & agrees
+        n_target = int(own.sum())
+        take = take | own
+    if take.any():
+        plan.subsets = plan.subsets.copy()
+        plan.subsets[take] = Subset.CLEAN
+        plan.notes.append(f"{n_others} samples left unused by the thresholds and labelled other than {names} are "
+                          "trained as clean" + (f", and {n_target} labelled {names} that the reference assigns to "
+                                               "their label" if n_target else ""))
+
+
+def _split_target(plan: TriggerPlan, subsets: np.ndarray, lab: np.ndarray, target: int, features: np.ndarray,
+                  suspicion: np.ndarray, cfg: RetrainConfig) -> None:
+    """``cfg.split_target`` of :func:`plan_trigger_repair`: moves the target-labelled samples, in ``plan``."""
+    from .separation import Subset
+    from .target_split import MIN_GAP, split_target
+
+    at = np.flatnonzero(lab == target)
+    if len(features) != len(at):
+        raise ValueError(f"target_features has {len(features)} rows; {len(at)} samples are labelled {target}")
+    poison_like = split_target(features, np.asarray(suspicion)[at], seed=cfg.seed)
+    if poison_like is None:
+        plan.notes.append(f"target split skipped: the model's features of the samples labelled {target} give no two "
+                          f"groups whose suspicion differs by {MIN_GAP:g} or more")
+        return
+    was = np.asarray(subsets)[at]
+    now = plan.subsets[at].copy()
+    pois, other = poison_like, ~poison_like
+    leaked = pois & (now == Subset.CLEAN)
+    now[leaked] = Subset.UNUSED
+    spared = other & (was == Subset.SUSPECT)
+    now[spared] = Subset.CLEAN if cfg.split_target == "train" else Subset.UNUSED
+    taken = other & (was != Subset.SUSPECT) & (now != Subset.CLEAN)
+    now[taken] = Subset.CLEAN
+    plan.subsets = plan.subsets.copy()
+    plan.subsets[at] = now
+    what = "trained as clean" if cfg.split_target == "train" else "left out instead of unlearnt"
+    plan.notes.append(f"target split (the model's features): {int(pois.sum())} of the {len(at)} samples labelled {target} "
+                      f"look like poisons ({int(leaked.sum())} of them left out of the clean subset); of the other "
+                      f"{int(other.sum())}, {int(spared.sum())} suspects are {what} and {int(taken.sum())} more are "
+                      "trained as clean")

@@ -165,6 +165,7 @@ def test_presets_set_the_retraining_recipe_and_explicit_flags_win(tmp_path):
     assert cfg().separation_config().sigma3 == 0.1 and cfg("--preset", "paper").separation_config().sigma3 == 0.0
     assert cfg("--preset", "paper", "--sigma3", "0.2").separation_config().sigma3 == 0.2
     assert cfg().retrain_config().patience == 2 and cfg("--preset", "paper").retrain_config().patience == 1
+    assert cfg().retrain_config().split_target == "leave" and cfg("--preset", "paper").retrain_config().split_target == "none"
     assert cfg("--patience", "4").retrain_config().patience == 4
 
 

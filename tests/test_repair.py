@@ -93,3 +93,9 @@ def test_a_clean_accuracy_loss_suggests_holding_the_model_before_repair():
     assert any("--keep 0.3" in t for t in o["suggestions"]) and any("--take-unused others" in t for t in o["suggestions"])
     o = repair_outcome(rows, done, RetrainConfig(epochs=2, keep=0.3), 100, 120, 20, verdict=one)["outcome"]
     assert not any("--keep 0.3" in t or "--take-unused" in t for t in o["suggestions"])  # both in use already
+    assert not any("--split-target" in t for t in o["suggestions"])  # the default splits already
+    o = repair_outcome(rows, done, RetrainConfig(epochs=2, split_target="none"), 100, 120, 20, verdict=one)["outcome"]
+    assert any("--split-target leave" in t for t in o["suggestions"])
+    o = repair_outcome(rows, done, RetrainConfig(epochs=2, split_target="none"), 100, 120, 20,
+                       verdict={**one, "family": "clean-label"})["outcome"]
+    assert not any("--split-target" in t for t in o["suggestions"])  # the split is for dirty-label poisons

@@ -74,6 +74,10 @@ def test_pipeline_stamps_when_the_verdict_names_a_target(cifar_root, tmp_path, t
     said = notes(cfg.updated({"stamp": 0.5}))
     assert "stamping the estimated trigger (target 0)" in said
     key_stamped = run.stage_record("retrain")["key"]
+    # the target split reads the model's features of the target-labelled samples (applied or skipped, it says so)
+    write_json(run.path("verdict.json"), {**verdict, "poisoned": True, "targets": [0], "family": "dirty-label",
+                                          "mode": "all-to-one"})
+    assert "target split" in notes(cfg.updated({"stamp": 0.5, "split_target": "leave"}))
     # the same settings under a verdict that now says clean-label: the retraining is redone, not reused
     write_json(run.path("verdict.json"), {**verdict, "poisoned": True, "targets": [0], "family": "clean-label"})
     assert "trained as clean with the estimated trigger subtracted" in notes(cfg.updated({"stamp": 0.5}))

@@ -78,6 +78,12 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
         unused_choices.index(cfg["take_unused"]), key="rt_take_unused", help=c.term("take_unused"), disabled=busy,
         format_func={"none": "leave them out (the paper)", "others": "train those of other classes as clean",
                      "agreed": "also the target's own where the reference agrees"}.get)
+    split_choices = list(cgd.flat_field("split_target").choices)
+    hp["split_target"] = st.selectbox(
+        "Dirty-label, one target: split the target class by the model's features", split_choices,
+        split_choices.index(cfg["split_target"]), key="rt_split_target", help=c.term("split_target"), disabled=busy,
+        format_func={"none": "no split (the paper)", "leave": "leave out the clean-looking suspects, train the rest",
+                     "train": "train the whole clean-looking group as clean"}.get)
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
