@@ -126,6 +126,15 @@ def _state_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer of ``model`` in eval mode (normalise with, and keep, its running statistics)
+    while the rest trains; its affine weights still learn. Returns how many layers were frozen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.eval()
+    return len(bns)
+
+
 def guided_retrain(
     model: nn.Module,
     images: np.ndarray,
@@ -246,6 +255,8 @@ def guided_retrain(
     for epoch in range(start_epoch, cfg.epochs + 1):
         last_epoch = epoch
         model.train()
+        if cfg.bn_stats == "freeze":
+            freeze_batchnorm(model)
         t0 = time.perf_counter()
         sums = {k: torch.zeros((), device=dev) for k in ("total", "ce", "kl", "unlearn")}
         nb = 0

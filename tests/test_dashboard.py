@@ -348,6 +348,7 @@ def test_retrain_page_shows_curves_summary_and_checkpoint(dash):
     assert at.checkbox(key="rt_subtract_trigger").value is cfg["subtract_trigger"] is True
     assert at.selectbox(key="rt_outside_targets").value == cfg["outside_targets"] == "clean"
     assert at.selectbox(key="rt_split_target").value == cfg["split_target"]
+    assert at.checkbox(key="rt_bn_freeze").value is (cfg["bn_stats"] == "freeze") is False
     dls = at.get("download_button")
     assert len(dls) == 2  # the retrained checkpoint and its metadata
     # the outcome is judged and the checkpoint named by it, never "repaired" when the backdoor stayed

@@ -282,3 +282,27 @@ def test_keep_term_leaves_out_the_target_column():
     assert out["keep"].item() == pytest.approx(want, rel=1e-5)
     out["keep"].backward()
     assert torch.isfinite(student.grad).all() and (student.grad[:, 0] == 0).all()
+
+
+def test_frozen_batchnorm_keeps_the_running_statistics_of_the_model_before_repair():
+    """bn_stats "freeze": retraining batches (here shifted in colour, as stamped ones are) leave the BatchNorm
+    running statistics as they were, while the weights still learn; "update" moves them."""
+    x, y = _toy(200)
+    x_shift = np.clip(x.astype(np.int16) + 60, 0, 255).astype(np.uint8)
+    torch.manual_seed(0)
+    victim = build_model("small-cnn", 3, width=8)
+    bn_keys = [k for k in victim.state_dict() if k.endswith(("running_mean", "running_var"))]
+    assert bn_keys
+    out = {}
+    for mode in ("update", "freeze"):
+        m = copy.deepcopy(victim)
+        list(guided_retrain(m, x_shift, y, np.arange(200), np.arange(0), np.zeros((200, 3)), lambda mm: {"ca": 0.0},
+                            RetrainConfig(epochs=1, max_batches=3, min_batches=3, batch_size=64, lr=0.05, precision="fp32",
+                                          bn_stats=mode), "cpu"))
+        out[mode] = m
+    before, sd = victim.state_dict(), {k: v.state_dict() for k, v in out.items()}
+    assert all(torch.equal(before[k], sd["freeze"][k]) for k in bn_keys)
+    assert not all(torch.equal(before[k], sd["update"][k]) for k in bn_keys)
+    weights = [k for k in before if k.endswith("weight")]
+    assert not all(torch.equal(before[k], sd["freeze"][k]) for k in weights)  # the rest trained
+    assert out["freeze"].training is False  # retraining ends in eval mode either way

@@ -84,6 +84,9 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
         split_choices.index(cfg["split_target"]), key="rt_split_target", help=c.term("split_target"), disabled=busy,
         format_func={"none": "no split (the paper)", "leave": "leave out the clean-looking suspects, train the rest",
                      "train": "train the whole clean-looking group as clean"}.get)
+    hp["bn_stats"] = "freeze" if st.checkbox(
+        "Keep the BatchNorm statistics of the model before repair", cfg["bn_stats"] == "freeze", key="rt_bn_freeze",
+        help=c.term("bn_stats"), disabled=busy) else "update"
     if not run.has(L.VICTIM) and not busy:
         st.caption(":material/info: The model to repair has not been built yet: the job first trains it "
                    f"({cfg.get('arch')}, {cfg.get('train_epochs')} epochs) or loads your checkpoint, as set on the Score page.")
