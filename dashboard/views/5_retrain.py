@@ -65,25 +65,20 @@ with st.expander("Hyperparameters", expanded=not run.has(L.METRICS_CSV)):
     hp["drop_disputed"] = st.checkbox("Dirty-label: leave out target-class samples the reference assigns elsewhere",
                                       bool(cfg["drop_disputed"]), key="rt_drop_disputed",
                                       help=c.term("drop_disputed"), disabled=busy)
-    choices = list(cgd.flat_field("outside_targets").choices)
-    hp["outside_targets"] = st.selectbox(
-        "All-to-one verdict: suspects labelled with another class than the target", choices,
-        choices.index(cfg["outside_targets"]), key="rt_outside_targets", help=c.term("outside_targets"), disabled=busy,
-        format_func={"unlearn": "unlearn their labels (the paper)", "distill": "distillation only",
-                     "clean": "train them as clean",
-                     "agreed": "train as clean where the reference agrees, leave the rest out"}.get)
-    unused_choices = list(cgd.flat_field("take_unused").choices)
-    hp["take_unused"] = st.selectbox(
-        "All-to-one verdict: samples the thresholds left unused", unused_choices,
-        unused_choices.index(cfg["take_unused"]), key="rt_take_unused", help=c.term("take_unused"), disabled=busy,
-        format_func={"none": "leave them out (the paper)", "others": "train those of other classes as clean",
-                     "agreed": "also the target's own where the reference agrees"}.get)
-    split_choices = list(cgd.flat_field("split_target").choices)
-    hp["split_target"] = st.selectbox(
-        "Dirty-label, one target: split the target class by the model's features", split_choices,
-        split_choices.index(cfg["split_target"]), key="rt_split_target", help=c.term("split_target"), disabled=busy,
-        format_func={"none": "no split (the paper)", "leave": "leave out the clean-looking suspects, train the rest",
-                     "train": "train the whole clean-looking group as clean"}.get)
+    # settings with named choices: (field, label, what each choice does)
+    for name, label, says in (
+            ("outside_targets", "All-to-one verdict: suspects labelled with another class than the target",
+             {"unlearn": "unlearn their labels (the paper)", "distill": "distillation only", "clean": "train them as clean",
+              "agreed": "train as clean where the reference agrees, leave the rest out"}),
+            ("take_unused", "All-to-one verdict: samples the thresholds left unused",
+             {"none": "leave them out (the paper)", "others": "train those of other classes as clean",
+              "agreed": "also the target's own where the reference agrees"}),
+            ("split_target", "Dirty-label, one target: split the target class by the model's features",
+             {"none": "no split (the paper)", "leave": "leave out the clean-looking suspects, train the rest",
+              "train": "train the whole clean-looking group as clean"})):
+        choices = list(cgd.flat_field(name).choices)
+        hp[name] = st.selectbox(label, choices, choices.index(cfg[name]), key=f"rt_{name}", help=c.term(name),
+                                disabled=busy, format_func=says.get)
     hp["bn_stats"] = "freeze" if st.checkbox(
         "Keep the BatchNorm statistics of the model before repair", cfg["bn_stats"] == "freeze", key="rt_bn_freeze",
         help=c.term("bn_stats"), disabled=busy) else "update"
