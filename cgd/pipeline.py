@@ -425,7 +425,7 @@ def _write_verdict(ctx: _Ctx, df) -> None:
     ctx.emit({"kind": "verdict", **doc})
 
 
-def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "TriggerPlan":
+def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg, model) -> "TriggerPlan":
     """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
     from .trigger import plan_trigger_repair
 
@@ -438,7 +438,7 @@ def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "Tr
     if rcfg.unlearn_budget > 0 or split:  # the joint rank's direction: the reference doubts the label, the model learnt it easily
         df = read_scores(ctx.run)
         suspicion = (df["clip_rank"].to_numpy() - df["model_rank"].to_numpy()) if df is not None else None
-    feats = _target_features(ctx, int(v["targets"][0]), rcfg.precision) if split else None
+    feats = _target_features(ctx, model, int(v["targets"][0]), rcfg.precision) if split else None
     plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred, suspicion,
                                target_features=feats)
     for msg in plan.notes:
@@ -446,14 +446,12 @@ def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg) -> "Tr
     return plan
 
 
-def _target_features(ctx: _Ctx, target: int, precision: str) -> np.ndarray:
-    """(M, D) penultimate features of the model before repair on the M training samples labelled ``target``."""
-    from .models import load_checkpoint
+def _target_features(ctx: _Ctx, model, target: int, precision: str) -> np.ndarray:
+    """(M, D) penultimate features of ``model`` (the model before repair) on the M training samples labelled ``target``."""
     from .train import predict
 
     d = ctx.data
     idx = np.flatnonzero(np.asarray(d.train.labels) == target)
-    model, _ = load_checkpoint(ctx.run.path(layout.VICTIM), device=ctx.device)
     _, feats = predict(model, d.train.images[idx], ctx.device, precision=precision, features=True)
     return feats
 
@@ -484,11 +482,11 @@ def _stage_retrain(ctx: _Ctx, sep_key: str, victim_key: str) -> str:
 
         raise DatasetError("retraining needs a clean test set for CA (the data stage found none)")
     sub = read_subsets(run)
-    plan = _trigger_plan(ctx, sub, verdict, rcfg)
+    model, meta = load_checkpoint(run.path(layout.VICTIM), device=ctx.device)
+    plan = _trigger_plan(ctx, sub, verdict, rcfg, model)
     sub = plan.subsets
     clean_idx = oversample_per_class(np.flatnonzero(sub == Subset.CLEAN), d.train.labels, cfg.seed)
     suspect_idx = np.flatnonzero(sub == Subset.SUSPECT)
-    model, meta = load_checkpoint(run.path(layout.VICTIM), device=ctx.device)
     state = RetrainState(run.path(layout.CHUNKS, "retrain"), key)
     resume = state.load()
     if resume is not None:
