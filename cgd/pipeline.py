@@ -427,18 +427,16 @@ def _write_verdict(ctx: _Ctx, df) -> None:
 
 def _trigger_plan(ctx: _Ctx, sub: np.ndarray, verdict: dict | None, rcfg, model) -> "TriggerPlan":
     """What retraining does with the estimated trigger (cgd.trigger.plan_trigger_repair); its notes go to the log."""
-    from .trigger import plan_trigger_repair
+    from .trigger import plan_trigger_repair, split_applies
 
     ref_pred = ctx.run.load_array(layout.CLIP_LOGITS).argmax(1) if (rcfg.drop_disputed or rcfg.outside_targets == "agreed"
                                                                  or rcfg.take_unused == "agreed") else None
     suspicion = None
-    v = verdict or {}
-    split = (rcfg.split_target != "none" and v.get("poisoned") and v.get("mode") == "all-to-one"
-             and v.get("family") == "dirty-label" and len(v.get("targets") or []) == 1)
+    split = split_applies(rcfg, verdict)
     if rcfg.unlearn_budget > 0 or split:  # the joint rank's direction: the reference doubts the label, the model learnt it easily
         df = read_scores(ctx.run)
         suspicion = (df["clip_rank"].to_numpy() - df["model_rank"].to_numpy()) if df is not None else None
-    feats = _target_features(ctx, model, int(v["targets"][0]), rcfg.precision) if split else None
+    feats = _target_features(ctx, model, int(verdict["targets"][0]), rcfg.precision) if split else None
     plan = plan_trigger_repair(ctx.data.train.images, ctx.data.train.labels, sub, verdict, rcfg, ref_pred, suspicion,
                                target_features=feats)
     for msg in plan.notes:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .config import RetrainConfig
 
 __all__ = ["TriggerPlan", "drop_disputed", "estimate_trigger", "outside_targets", "plan_trigger_repair", "plan_uses_verdict",
-           "stamp"]
+           "split_applies", "stamp"]
 
 
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -97,6 +97,13 @@ def plan_uses_verdict(cfg: RetrainConfig) -> bool:
     return (cfg.stamp > 0 or cfg.stamp_clean_label > 0 or cfg.subtract_trigger or cfg.drop_disputed
             or cfg.outside_targets != "unlearn" or cfg.take_unused != "none" or cfg.unlearn_budget > 0
             or cfg.split_target != "none")
+
+
+def split_applies(cfg: RetrainConfig, verdict: dict | None) -> bool:
+    """Whether ``cfg.split_target`` acts under ``verdict``: a dirty-label all-to-one verdict naming one target."""
+    v = verdict or {}
+    return bool(cfg.split_target != "none" and v.get("poisoned") and v.get("mode") == "all-to-one"
+                and v.get("family") == "dirty-label" and len(v.get("targets") or []) == 1)
 
 
 def outside_targets(subsets: np.ndarray, labels: np.ndarray, targets: list[int], of: int | None = None) -> np.ndarray:
@@ -204,8 +211,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
                               f"poisons all carry the target label) {what}")
     if cfg.take_unused != "none" and one_target:
         _take_unused(plan, subsets, lab, targets, names, cfg, agrees)
-    if (cfg.split_target != "none" and one_target and dirty and len(targets) == 1 and suspicion is not None
-            and target_features is not None):
+    if split_applies(cfg, v) and suspicion is not None and target_features is not None:
         _split_target(plan, subsets, lab, int(targets[0]), target_features, suspicion, cfg)
     est = v.get("estimated_poisons")
     if cfg.unlearn_budget > 0 and one_target and dirty and est and suspicion is not None:
@@ -278,7 +284,7 @@ def _split_target(plan: TriggerPlan, subsets: np.ndarray, lab: np.ndarray, targe
                   suspicion: np.ndarray, cfg: RetrainConfig) -> None:
     """``cfg.split_target`` of :func:`plan_trigger_repair`: moves the target-labelled samples, in ``plan``."""
     from .separation import Subset
-    from .target_split import MIN_GAP, split_target
+    from .target_split import MIN_GAP, MIN_SILHOUETTE, split_target
 
     at = np.flatnonzero(lab == target)
     if len(features) != len(at):
@@ -286,7 +292,8 @@ def _split_target(plan: TriggerPlan, subsets: np.ndarray, lab: np.ndarray, targe
     poison_like = split_target(features, np.asarray(suspicion)[at], seed=cfg.seed)
     if poison_like is None:
         plan.notes.append(f"target split skipped: the model's features of the samples labelled {target} give no two "
-                          f"groups whose suspicion differs by {MIN_GAP:g} or more")
+                          f"groups apart (silhouette {MIN_SILHOUETTE:g} or more) whose suspicion differs by {MIN_GAP:g} "
+                          "or more")
         return
     was = np.asarray(subsets)[at]
     now = plan.subsets[at].copy()
