@@ -46,11 +46,14 @@ it reaches :attr:`VerdictConfig.threshold` (5.0: never-poisoned sets score 1.2-2
 benchmark and the demo, poisoned ones 5.2-26.5; see bench/README.md). Several hot classes make the
 attack all-to-all; otherwise the class with the largest z is the target. The family follows from
 the class shares of the two splits: a target class holding more of the training set than of the
-test set received relabelled samples (dirty-label); one learnt fast with its share unchanged is
-clean-label; failing both, a class whose samples the reference rejects *and* the models learnt
-fast (``contradiction`` at the alarm threshold) is dirty-label too: at a low rate the relabelled
-samples are too few to shift the class share (BadNets at 1 % on the demo, target 4: 80 poisons,
-share z 1.6, contradiction 10.9). The poison count is estimated from the same excesses.
+test set received relabelled samples (dirty-label; share z >= 3). At a low rate the relabelled
+samples are too few to shift the share that far, so a class whose samples the reference rejects
+*and* the models learnt fast (``contradiction`` at the alarm threshold) is dirty-label too when its
+share moved somewhat (z >= 1.5) and the contradiction beats the fast-learning evidence (CIFAR-10
+Blended at 2 %: share z 3.0, contradiction 9.1, fast learning 2.8), or when nothing says
+clean-label (BadNets at 1 % on the demo, target 4: 80 poisons, share z 1.6, contradiction 10.9).
+Otherwise a class learnt fast with its share unchanged is clean-label: its poisons carry their right
+labels. The poison count is estimated from the same excesses.
 
 Runs scored before the test split's logits were kept are judged across classes only (each class
 against the median class, robust z), with the higher :attr:`VerdictConfig.threshold_uncalibrated`.
@@ -69,7 +72,7 @@ __all__ = ["VerdictConfig", "Verdict", "audit_verdict", "class_statistics", "run
 
 # bumped whenever the statistics or the threshold change: a verdict.json of another version is recomputed
 # from the run's scores when read (current_verdict), so an old run never shows an outdated judgement
-VERDICT_VERSION = 9
+VERDICT_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -385,12 +388,20 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
         return Verdict(True, score, cfg.threshold, [], "all-to-all", "dirty-label", est, evidence, quad_share)
     target = int(np.argmax(z[best]))
     evidence["class_share"] = {"class": target, "z": float(z_share[target]), "extra_samples": float(extra[target])}
+    contra, models = z["contradiction"][target], max(z["fast_learning"][target], z["fit_shift"][target])
     if z_share[target] >= 3.0:  # the target class holds relabelled samples of other classes
         family, est = "dirty-label", int(round(max(0.0, float(extra[target]))))
-    elif max(z["fast_learning"][target], z["fit_shift"][target]) >= cfg.threshold / 2:
+    elif contra >= cfg.threshold and contra > models and z_share[target] >= 1.5:
+        # a low rate: too few relabelled samples to move the share far, but it moved (clean-label poisons leave it
+        # at 0), and the reference rejects the samples the models learnt fast more clearly than they stand out for
+        # being learnt fast (CIFAR-10 Blended at 2 %: share z 3.0, contradiction 9.1, fast learning 2.8 -- read as
+        # clean-label under v9, and the clean-label repair kept the backdoor)
+        family = "dirty-label"
+        est = int(round(max(0.0, float(extra[target]), float(_contradiction_excess(tr)[target]))))
+    elif models >= cfg.threshold / 2:
         family = "clean-label"
         est = max(_fast_excess(cn, mn, y, mn_t, y_t, num_classes, target, t) for t in ESTIMATE_TAILS)
-    elif z["contradiction"][target] >= cfg.threshold:  # too few relabelled samples to shift the class share
+    elif contra >= cfg.threshold:  # too few relabelled samples to shift the class share at all
         family = "dirty-label"
         est = int(round(max(0.0, float(extra[target]), float(_contradiction_excess(tr)[target]))))
     else:
