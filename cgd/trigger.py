@@ -30,6 +30,9 @@ __all__ = ["TriggerPlan", "drop_disputed", "estimate_trigger", "outside_targets"
            "split_applies", "stamp"]
 
 
+NOISE_FLOOR = 3.0  # pixel units (0-255): trigger-estimate noise below this is left alone (estimate_trigger's shrink)
+
+
 def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """(H, W, C) float blurred along H and W with a normalised Gaussian (edge-replicated)."""
     r = max(1, int(round(3 * sigma)))
@@ -48,12 +51,28 @@ def _mean_rows(images: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.nda
     return acc / max(len(idx), 1)
 
 
+def _var_rows(images: np.ndarray, idx: np.ndarray, mean: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per-pixel variance over ``images[idx]`` around ``mean``, float64 (H, W, C), read in chunks."""
+    acc = np.zeros(images.shape[1:], np.float64)
+    for i in range(0, len(idx), chunk):
+        acc += ((np.asarray(images[np.sort(idx[i:i + chunk])], np.float64) - mean) ** 2).sum(0)
+    return acc / max(len(idx) - 1, 1)
+
+
 def estimate_trigger(images: np.ndarray, labels: np.ndarray, suspect: np.ndarray, target: int,
-                     blur_sigma: float | None = None, min_samples: int = 10) -> np.ndarray | None:
+                     blur_sigma: float | None = None, min_samples: int = 10, shrink: float = 0.0) -> np.ndarray | None:
     """The additive trigger estimate ``delta``: (H, W, 3) float32 in pixel units (0-255 scale).
 
     images: (N, H, W, 3) uint8; labels: (N,) given labels; suspect: (N,) bool (the suspect subset);
     target: the target class. blur_sigma: width (pixels) of the smooth part removed; default H / 8.
+    shrink: each pixel of the estimate is moved towards 0 by ``shrink`` times the part of its
+    standard error (of the difference of means there) above ``NOISE_FLOOR`` pixel units (soft
+    thresholding; 0 = off). A difference of the means of a few dozen images is mostly sampling
+    noise, tens of pixel units, which stamping then adds to other classes' images; a trigger stands
+    many standard errors out and keeps most of its amplitude. Estimates from a few hundred suspects
+    or more (standard error about 3 or less) are left as they are: their noise is below what JPEG
+    compression adds, and diffuse triggers (blends, low-frequency patterns) there are only one or
+    two standard errors strong per pixel, so shrinking would erase them.
     Returns None when fewer than ``min_samples`` suspect samples carry the target label.
     """
     labels, suspect = np.asarray(labels), np.asarray(suspect, bool)
@@ -61,9 +80,13 @@ def estimate_trigger(images: np.ndarray, labels: np.ndarray, suspect: np.ndarray
     c_idx = np.flatnonzero(~suspect & (labels != target))
     if len(s_idx) < min_samples or len(c_idx) < min_samples:
         return None
-    diff = _mean_rows(images, s_idx) - _mean_rows(images, c_idx)
+    s_mean, c_mean = _mean_rows(images, s_idx), _mean_rows(images, c_idx)
+    diff = s_mean - c_mean
     sigma = blur_sigma if blur_sigma is not None else max(1.0, images.shape[1] / 8)
     delta = diff - _gauss_blur(diff, sigma)
+    if shrink > 0:
+        se = np.sqrt(_var_rows(images, s_idx, s_mean) / len(s_idx) + _var_rows(images, c_idx, c_mean) / len(c_idx))
+        delta = np.sign(delta) * np.maximum(np.abs(delta) - shrink * np.maximum(se - NOISE_FLOOR, 0.0), 0.0)
     return delta.astype(np.float32)
 
 
@@ -230,7 +253,7 @@ def plan_trigger_repair(images: np.ndarray, labels: np.ndarray, subsets: np.ndar
         return plan
     target = int(targets[0])
     sub = plan.subsets
-    delta = estimate_trigger(images, labels, sub == Subset.SUSPECT, target)
+    delta = estimate_trigger(images, labels, sub == Subset.SUSPECT, target, shrink=cfg.trigger_shrink)
     if delta is None:
         plan.notes.append(f"trigger estimate skipped: too few suspect samples labelled {target}")
         return plan

@@ -37,6 +37,25 @@ def test_estimate_finds_a_patch():
     assert stamped[:, -3, -3].mean() > x[:5, -3, -3].mean() + 20
 
 
+def test_shrink_quiets_the_noise_of_an_estimate_from_few_suspects():
+    """30 poisons (every target-class image of a small class, as GTSRB LC at 10,000 images): the mean
+    difference carries tens of pixel units of sampling noise; shrinking by the standard error removes
+    most of it and keeps most of the patch. From 1,500 poisons the standard error is below the floor and
+    nothing changes."""
+    x, y, poison = _patch_set(n=3000, rate=0.01, seed=3)
+    assert 20 <= poison.sum() <= 45
+    inside = np.zeros((32, 32), bool)
+    inside[-4:-1, -4:-1] = True
+    raw = estimate_trigger(x, y, poison, target=0)
+    shrunk = estimate_trigger(x, y, poison, target=0, shrink=3.0)
+    assert np.abs(raw[~inside]).mean() > 8  # uniform noise images: the SE of a mean of ~30 is ~14 per pixel
+    assert np.abs(shrunk[~inside]).mean() < 0.5 * np.abs(raw[~inside]).mean()
+    assert np.abs(shrunk[inside]).mean() > 0.6 * np.abs(raw[inside]).mean()
+    x, y, poison = _patch_set(n=6000, rate=0.5, seed=4)
+    many = poison & (np.arange(len(y)) % 2 == 0)
+    np.testing.assert_array_equal(estimate_trigger(x, y, many, 0, shrink=3.0), estimate_trigger(x, y, many, 0))
+
+
 def test_too_few_suspects_gives_none():
     x, y, poison = _patch_set(n=300, rate=0.01)
     assert estimate_trigger(x, y, np.zeros(len(y), bool), target=0) is None
