@@ -344,6 +344,7 @@ def test_retrain_page_shows_curves_summary_and_checkpoint(dash):
     assert at.number_input(key="rt_patience").value == cfg["patience"]
     assert at.number_input(key="rt_unlearn_floor").value == cfg["unlearn_floor"]
     assert at.number_input(key="rt_min_batches").value == cfg["min_batches"]
+    assert at.number_input(key="rt_trigger_shrink").value == cfg["trigger_shrink"] == 6.0
     assert at.checkbox(key="rt_drop_disputed").value is cfg["drop_disputed"] is True
     assert at.checkbox(key="rt_subtract_trigger").value is cfg["subtract_trigger"] is True
     assert at.selectbox(key="rt_outside_targets").value == cfg["outside_targets"] == "clean"

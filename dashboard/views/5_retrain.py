@@ -46,6 +46,7 @@ FIELDS = [("epochs", "Epochs", 1, 500), ("lr", "Learning rate", 1e-6, 1.0), ("al
           ("min_batches", "Min batches / epoch", 0, 100_000), ("batch_size", "Batch size", 8, 4096),
           ("unlearn_floor", "Unlearning floor", 0.0, 0.99), ("stamp_clean_label", "Trigger stamp share (clean-label)", 0.0, 1.0),
           ("stamp", "Trigger stamp share (other)", 0.0, 1.0), ("stamp_gain", "Trigger stamp gain", 1.0, 10.0),
+          ("trigger_shrink", "Trigger estimate shrink (standard errors)", 0.0, 100.0),
           ("keep", "Keep (distil from the model before repair)", 0.0, 100.0),
           ("unlearn_budget", "Unlearning budget (x estimated poisons)", 0.0, 100.0)]
 hp: dict = {}
