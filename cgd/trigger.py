@@ -43,20 +43,18 @@ def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * rows[:, i:i + img.shape[1], :] for i in range(2 * r + 1))
 
 
-def _mean_rows(images: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Mean over ``images[idx]`` as float64 (H, W, C), read in chunks (images may be memory-mapped)."""
+def _moments_rows(images: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel mean and variance over ``images[idx]``, float64 (H, W, C) each, in one pass read in
+    chunks (images may be memory-mapped)."""
     acc = np.zeros(images.shape[1:], np.float64)
+    sq = np.zeros(images.shape[1:], np.float64)
     for i in range(0, len(idx), chunk):
-        acc += np.asarray(images[np.sort(idx[i:i + chunk])], np.float64).sum(0)
-    return acc / max(len(idx), 1)
-
-
-def _var_rows(images: np.ndarray, idx: np.ndarray, mean: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Per-pixel variance over ``images[idx]`` around ``mean``, float64 (H, W, C), read in chunks."""
-    acc = np.zeros(images.shape[1:], np.float64)
-    for i in range(0, len(idx), chunk):
-        acc += ((np.asarray(images[np.sort(idx[i:i + chunk])], np.float64) - mean) ** 2).sum(0)
-    return acc / max(len(idx) - 1, 1)
+        rows = np.asarray(images[np.sort(idx[i:i + chunk])], np.float64)
+        acc += rows.sum(0)
+        sq += (rows * rows).sum(0)
+    n = max(len(idx), 1)
+    mean = acc / n
+    return mean, np.maximum(sq - n * mean * mean, 0.0) / max(n - 1, 1)
 
 
 def estimate_trigger(images: np.ndarray, labels: np.ndarray, suspect: np.ndarray, target: int,
@@ -80,12 +78,12 @@ def estimate_trigger(images: np.ndarray, labels: np.ndarray, suspect: np.ndarray
     c_idx = np.flatnonzero(~suspect & (labels != target))
     if len(s_idx) < min_samples or len(c_idx) < min_samples:
         return None
-    s_mean, c_mean = _mean_rows(images, s_idx), _mean_rows(images, c_idx)
+    (s_mean, s_var), (c_mean, c_var) = _moments_rows(images, s_idx), _moments_rows(images, c_idx)
     diff = s_mean - c_mean
     sigma = blur_sigma if blur_sigma is not None else max(1.0, images.shape[1] / 8)
     delta = diff - _gauss_blur(diff, sigma)
     if shrink > 0:
-        se = np.sqrt(_var_rows(images, s_idx, s_mean) / len(s_idx) + _var_rows(images, c_idx, c_mean) / len(c_idx))
+        se = np.sqrt(s_var / len(s_idx) + c_var / len(c_idx))
         delta = np.sign(delta) * np.maximum(np.abs(delta) - shrink * np.maximum(se - NOISE_FLOOR, 0.0), 0.0)
     return delta.astype(np.float32)
 
