@@ -50,7 +50,7 @@ test set received relabelled samples (dirty-label; share z >= 3). At a low rate 
 samples are too few to shift the share that far, so a class whose samples the reference rejects
 *and* the models learnt fast (``contradiction`` at the alarm threshold) is dirty-label too when its
 share moved somewhat (z >= 1.5) and the contradiction beats the fast-learning evidence (CIFAR-10
-Blended at 2 %: share z 3.0, contradiction 9.1, fast learning 2.8), or when nothing says
+Blended at 2 %: share z 2.98, contradiction 9.1, fast learning 2.8), or when nothing says
 clean-label (BadNets at 1 % on the demo, target 4: 80 poisons, share z 1.6, contradiction 10.9).
 Otherwise a class learnt fast with its share unchanged is clean-label: its poisons carry their right
 labels. The poison count is estimated from the same excesses.
@@ -394,7 +394,7 @@ def audit_verdict(clip_nll: np.ndarray, model_nll: np.ndarray, labels: np.ndarra
     elif contra >= cfg.threshold and (models < cfg.threshold / 2 or (contra > models and z_share[target] >= 1.5)):
         # a low rate: too few relabelled samples to move the share far. The reference rejects the samples the
         # models learnt fast, and either nothing says clean-label or the share moved somewhat (clean-label poisons
-        # leave it at 0) and the contradiction beats the fast learning (CIFAR-10 Blended at 2 %: share z 3.0,
+        # leave it at 0) and the contradiction beats the fast learning (CIFAR-10 Blended at 2 %: share z 2.98,
         # contradiction 9.1, fast learning 2.8 -- read as clean-label under v9, and its repair kept the backdoor)
         family = "dirty-label"
         est = int(round(max(0.0, float(extra[target]), float(_contradiction_excess(tr)[target]))))
